@@ -1,0 +1,115 @@
+"""One attention module with interchangeable backends that compute the same function.
+
+Backends read the rule from an `AttentionPattern`; none re-derives it:
+- `dense`: full attention under the [N, N] mask, the reference (quadratic).
+- `blocked`: per query block, gather only the keys the rule can admit, attend, scatter back:
+  cost N x (block + memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .pattern import AttentionPattern
+
+_DEVICE_CACHE: dict[tuple[int, str, torch.device], object] = {}
+
+
+def _on_device(pattern: AttentionPattern, form: str, device: torch.device):
+    """Pattern tensors moved to `device` once and reused (patterns are shared and immutable)."""
+    key = (id(pattern), form, device)
+    if key not in _DEVICE_CACHE:
+        if form == "dense":
+            value = pattern.dense_mask().to(device)
+        else:
+            value = tuple(t.to(device) for t in pattern.blocked_layout)
+        _DEVICE_CACHE[key] = value
+    return _DEVICE_CACHE[key]
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern
+) -> torch.Tensor:
+    """q, k, v: [B, h, N, dh] in generation order."""
+    mask = _on_device(pattern, "dense", q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def blocked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern
+) -> torch.Tensor:
+    """Same function as `dense_attention`, computing only the keys each query block can see."""
+    key_index, key_mask = _on_device(pattern, "blocked", q.device)
+    b, h, n, dh = q.shape
+    num_blocks, q_block = key_mask.shape[:2]
+    qb = F.pad(q, (0, 0, 0, num_blocks * q_block - n))
+    qb = rearrange(qb, "b h (nb q) d -> (b h) nb q d", q=q_block)
+    kb = rearrange(k[:, :, key_index], "b h nb k d -> (b h) nb k d")
+    vb = rearrange(v[:, :, key_index], "b h nb k d -> (b h) nb k d")
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=key_mask)
+    return rearrange(out, "(b h) nb q d -> b h (nb q) d", b=b)[:, :, :n]
+
+
+BACKENDS = {"dense": dense_attention, "blocked": blocked_attention}
+
+
+def resolve_backend(name: str, pattern: AttentionPattern) -> str:
+    """`auto`: `dense` for global attention (nothing to skip), `blocked` for local attention."""
+    if name != "auto":
+        return name
+    return "dense" if pattern.kind == "global" else "blocked"
+
+
+class KVCache:
+    """Keys and values written one generation step at a time (incremental decoding)."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, length, head_dim)
+        self.keys = like.new_zeros(shape)
+        self.values = like.new_zeros(shape)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (no biases, scale (d/h)^-0.5) under an `AttentionPattern`."""
+
+    def __init__(self, d_model: int, num_heads: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.backend = backend
+        self.query = nn.Linear(d_model, d_model, bias=False)
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
+
+    def forward(
+        self, x: torch.Tensor, pattern: AttentionPattern, backend: str | None = None
+    ) -> torch.Tensor:
+        """x: [B, N, d] in generation order."""
+        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
+        name = resolve_backend(backend or self.backend, pattern)
+        out = BACKENDS[name](q, k, v, pattern)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def new_cache(self, batch: int, length: int, like: torch.Tensor) -> KVCache:
+        return KVCache(batch, self.num_heads, length, self.head_dim, like)
+
+    def step(
+        self, x: torch.Tensor, step: int, pattern: AttentionPattern, cache: KVCache
+    ) -> torch.Tensor:
+        """One generation step: x [B, 1, d] at `step`; reads only the keys the rule admits."""
+        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
+        cache.keys[:, :, step] = k[:, :, 0]
+        cache.values[:, :, step] = v[:, :, 0]
+        key_index, key_mask = pattern.step_keys(step)
+        key_index, key_mask = key_index.to(x.device), key_mask.to(x.device)
+        keys, values = cache.keys[:, :, key_index], cache.values[:, :, key_index]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[None, :])
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+

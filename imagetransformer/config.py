@@ -1,0 +1,265 @@
+"""Model and training configs: dataclasses with JSON round-trip and checks that name the fix.
+
+Two dataclasses, because a saved model needs only the first: `ImageTransformerConfig` (what
+`from_pretrained` rebuilds) and `TrainConfig` (how a run trains it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import UserError
+
+ATTENTION_TYPES = ("global", "local_1d", "local_2d")
+BACKENDS = ("auto", "dense", "blocked")
+POSITION_SIGNALS = ("timing", "learned")
+OUTPUTS = ("cat",)
+
+
+def _as_pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        a, b = value
+        return (int(a), int(b))
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a pair of integers like [8, 16], got {value!r}") from None
+
+
+@dataclass
+class ImageTransformerConfig:
+    """Everything that decides the model's function (SPEC.md sections 1-4)."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W
+    num_layers: int = 4
+    d_model: int = 64
+    num_heads: int = 4
+    ffn_size: int = 256
+    dropout: float = 0.1
+    attention: str = "local_1d"
+    block_length: int = 256  # local_1d query block, in positions
+    memory_length: int | None = None  # local_1d keys before the block; None means block_length
+    query_shape: tuple[int, int] = (8, 16)  # local_2d query block, in grid cells (rows, columns)
+    memory_flange: tuple[int, int] = (8, 32)  # local_2d flange, in grid cells
+    backend: str = "auto"  # how attention is computed; every backend gives the same function
+    pos: str = "timing"
+    norm_first: bool = False  # post-norm as in the paper; pre-norm trains small models better
+    num_classes: int = 0  # 0: unconditional
+    output: str = "cat"
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]
+        self.query_shape = _as_pair(self.query_shape, "query_shape")
+        self.memory_flange = _as_pair(self.memory_flange, "memory_flange")
+        self.validate()
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """Rows and columns of the position grid: one column per channel of each pixel."""
+        c, h, w = self.image_shape
+        return h, w * c
+
+    @property
+    def num_positions(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    @property
+    def effective_memory_length(self) -> int:
+        return self.block_length if self.memory_length is None else self.memory_length
+
+    def validate(self) -> None:
+        if len(self.image_shape) != 3 or self.image_shape[0] not in (1, 3):
+            raise UserError(
+                f"image_shape must be [C, H, W] with C = 1 or 3, got {list(self.image_shape)}; "
+                "set e.g. --set image_shape=3,32,32"
+            )
+        if min(self.image_shape) < 1:
+            raise UserError(f"image_shape must be positive, got {list(self.image_shape)}")
+        _choice("attention", self.attention, ATTENTION_TYPES)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("pos", self.pos, POSITION_SIGNALS)
+        _choice("output", self.output, OUTPUTS)
+        for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise UserError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
+                "change one of them"
+            )
+        if self.pos == "timing" and (self.d_model % 4 or self.d_model < 8):
+            raise UserError(
+                f"the timing position signal needs d_model divisible by 4 and at least 8, "
+                f"got {self.d_model}; change d_model or use --set pos=learned"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.memory_length is not None and self.memory_length < 0:
+            raise UserError(f"memory_length must be >= 0, got {self.memory_length}")
+        if self.num_classes < 0:
+            raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if self.attention == "local_2d":
+            rows, cols = self.grid_shape
+            qh, qw = self.query_shape
+            fh, fw = self.memory_flange
+            if qh < 1 or qw < 1 or fh < 0 or fw < 0:
+                raise UserError(
+                    f"query_shape must be positive and memory_flange non-negative, got "
+                    f"{list(self.query_shape)} and {list(self.memory_flange)}"
+                )
+            if rows % qh or cols % qw:
+                c, h, w = self.image_shape
+                raise UserError(
+                    f"local_2d query_shape {list(self.query_shape)} does not tile the position "
+                    f"grid of a {c}x{h}x{w} image ({rows} rows x {cols} columns = width x "
+                    f"channels): pick a query_shape whose rows divide {rows} and whose columns "
+                    f"divide {cols}, e.g. --set query_shape={_divisor_near(rows, qh)},"
+                    f"{_divisor_near(cols, qw)}"
+                )
+
+    # JSON round-trip ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageTransformerConfig:
+        return _from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageTransformerConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains (SPEC.md section 3): optimiser, schedule, batch, evaluation cadence."""
+
+    batch_size: int = 8
+    max_steps: int = 1000
+    learning_rate: float = 0.1  # the noam "base"; peak lr = base * 10 / sqrt(d_model * warmup)
+    warmup_steps: int = 4000
+    lr_schedule: str = "noam"  # noam (paper), or cosine: same warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    label_smoothing: float = 0.0  # training loss only; evaluation never smooths
+    seed: int = 0
+    eval_every: int = 500  # steps between test bits/dim evaluations (0: only at the end)
+    eval_images: int = 0  # test images per periodic evaluation (0: the whole split)
+    checkpoint_every: int = 200  # steps between atomic checkpoints
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    sample_count: int = 16
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 0 or self.warmup_steps < 1:
+            raise UserError(
+                "batch_size and warmup_steps must be at least 1 and max_steps at least 0, got "
+                f"{self.batch_size}, {self.warmup_steps}, {self.max_steps}"
+            )
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return min(divisors, key=lambda k: (abs(math.log(k / max(target, 1))), k))
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(
+            f"unknown {cls.__name__} keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    return cls(**data)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split a `--set key=value` argument."""
+    if "=" not in text:
+        raise UserError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _coerce(value: str, current: Any, f: dataclasses.Field) -> Any:
+    """Turn a command-line string into the type of an existing config field."""
+    text = value.strip()
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, tuple):
+            return tuple(int(v) for v in text.strip("[]()").split(",") if v.strip())
+        if text.lower() in ("none", "null"):
+            return None
+        if isinstance(current, int) or "int" in str(f.type):
+            return int(text)
+        if isinstance(current, float) or "float" in str(f.type):
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"cannot read {f.name}={value!r} as {type(current).__name__}") from None
+
+
+def apply_overrides(
+    model: ImageTransformerConfig, train: TrainConfig, overrides: list[str]
+) -> tuple[ImageTransformerConfig, TrainConfig]:
+    """Apply `key=value` strings to whichever config owns the key; unknown keys are refused."""
+    model_changes: dict[str, Any] = {}
+    train_changes: dict[str, Any] = {}
+    model_fields = {f.name: f for f in fields(model)}
+    train_fields = {f.name: f for f in fields(train)}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in model_fields:
+            model_changes[key] = _coerce(value, getattr(model, key), model_fields[key])
+        elif key in train_fields:
+            train_changes[key] = _coerce(value, getattr(train, key), train_fields[key])
+        else:
+            known = sorted(model_fields) + sorted(train_fields)
+            raise UserError(f"unknown setting {key!r} in --set; known settings: {', '.join(known)}")
+    return dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
+
+
+__all__ = [
+    "ImageTransformerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "ATTENTION_TYPES",
+    "BACKENDS",
+]

@@ -1,0 +1,74 @@
+"""Data sets as in-memory uint8 tensors: built-in names or a path, one entry point.
+
+Adding a source (e.g. imagenet, celeba) means one module with a loader and one entry in
+``_BUILTIN`` below; the rest of the package only ever sees ``ImageDataset``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+from . import cifar10, folder, mnist5k
+from .dataset import ImageDataset
+from .resize import check_options, conform
+
+__all__ = ["DATASET_NAMES", "ImageDataset", "default_root", "load_dataset"]
+
+SPLITS = ("train", "test")
+DATA_ROOT_ENV = "IMAGETRANSFORMER_DATA"
+
+# name -> loader(split, root, download); each returns the set at its native size.
+_BUILTIN: dict[str, Callable[[str, Path, bool], ImageDataset]] = {
+    mnist5k.NAME: lambda split, root, download: mnist5k.load(split),
+    cifar10.NAME: cifar10.load,
+}
+DATASET_NAMES: tuple[str, ...] = tuple(_BUILTIN)
+
+
+def default_root() -> Path:
+    """Where downloadable sets live: $IMAGETRANSFORMER_DATA, else ~/.cache/imagetransformer."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "imagetransformer"
+
+
+def load_dataset(
+    spec: str,
+    split: str = "train",
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+) -> ImageDataset:
+    """Load one split of a built-in set (by name) or of a path (image folder, CIFAR-10 archive).
+
+    A built-in name wins over a same-named folder in the working directory; write ``./name``
+    to mean the folder. ``image_size``/``channels`` resize/convert built-ins when given; image
+    folders default to 32 and 3.
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    check_options(image_size, channels)
+    spec = str(spec)
+    loader = _BUILTIN.get(spec.strip().lower())
+    if loader is not None:
+        data_root = Path(root).expanduser() if root is not None else default_root()
+        return conform(loader(split, data_root, download), image_size, channels)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"unknown data set {spec!r}: use one of {', '.join(DATASET_NAMES)}, "
+            "or the path of an image folder (optionally with train/ and test/ sub-folders) "
+            "or of a CIFAR-10 archive"
+        )
+    if cifar10.is_cifar_path(path):
+        return conform(cifar10.load_path(path, split), image_size, channels)
+    if path.is_dir():
+        return folder.load(path, split, image_size or 32, channels or 3)
+    raise UserError(
+        f"{path} is not a data set: give a folder of images, a CIFAR-10 "
+        f"{cifar10.ARCHIVE}, or one of {', '.join(DATASET_NAMES)}"
+    )

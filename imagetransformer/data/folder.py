@@ -1,0 +1,114 @@
+"""A folder of your own images as a dataset: the way to train on data we do not ship.
+
+Layout rules (checked in this order):
+- ``train/`` and ``test/`` sub-folders are the splits; otherwise a fixed 10% is held out as test.
+- inside a split, sub-folders are classes (sorted names -> labels 0..K-1); loose images are
+  unlabelled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .dataset import ImageDataset
+from .resize import pil_mode, square_resize
+
+EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+_SEED = 0
+_TEST_FRACTION = 10  # 1 in 10 held out when there is no train/test split on disk
+
+
+def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> ImageDataset:
+    """Decode, square-crop and resize the split's images into one uint8 tensor."""
+    mode = pil_mode(channels)  # validates channels before any decoding work
+    has = [name for name in ("train", "test") if (root / name).is_dir()]
+    if len(has) == 1:
+        other = "test" if has == ["train"] else "train"
+        raise UserError(f"{root} has a {has[0]}/ but no {other}/ sub-folder: add {other}/, "
+                        f"or move the images out of {has[0]}/ to hold out 10% automatically")
+    if has:
+        classes = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
+        files, labels = _scan(root / split, classes)
+        if not files:
+            raise UserError(f"{root / split} holds no images ({_ext_list()}): add some")
+    else:
+        classes = _class_dirs(root)
+        files, labels = _scan(root, classes)
+        if len(files) < 2:
+            raise UserError(
+                f"{root} holds {len(files)} image(s) ({_ext_list()}); at least 2 are needed to "
+                "hold one out as test: add images, or give it train/ and test/ sub-folders"
+            )
+        keep = _holdout(len(files), split)
+        files = [files[i] for i in keep]
+        labels = None if labels is None else [labels[i] for i in keep]
+    images = torch.stack([_decode(f, mode, image_size) for f in files])
+    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+    num_classes = len(classes) if labels is not None else None
+    return ImageDataset(images, label_tensor, num_classes, root.resolve().name or str(root))
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    """Names of the visible sub-folders: each one is a class."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    )
+
+
+def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int] | None]:
+    """Image files in a sorted (deterministic) order, with labels when classes exist."""
+    loose = _images_in(folder, recursive=False)
+    if not classes:
+        return loose, None
+    if loose:
+        raise UserError(
+            f"{folder} mixes loose images ({loose[0].name}, ...) with class sub-folders "
+            f"({', '.join(classes[:3])}, ...): move the loose images into a class folder"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = _images_in(folder / name, recursive=True)
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in candidates
+        if p.suffix.lower() in EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _holdout(n: int, split: str) -> list[int]:
+    """Fixed-seed choice of test images, so train and test never overlap across runs."""
+    order = np.random.default_rng(_SEED).permutation(n)
+    n_test = max(1, n // _TEST_FRACTION)
+    chosen = order[:n_test] if split == "test" else order[n_test:]
+    return sorted(int(i) for i in chosen)
+
+
+def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            arr = np.asarray(square_resize(image.convert(mode), size))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({e}): fix or delete that file") from None
+    return torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+
+def _ext_list() -> str:
+    return "/".join(sorted(e.lstrip(".") for e in EXTENSIONS))
