@@ -37,6 +37,22 @@ def timing_signal(rows: torch.Tensor, cols: torch.Tensor, d_model: int) -> torch
     return torch.cat(parts, dim=-1).float()
 
 
+def sub_pixel_nll(
+    logits: torch.Tensor, images: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy in nats of each sub-pixel: logits [B, C, H, W, 256], images [B, C, H, W].
+
+    Computed in float32 whatever the logits' dtype; `label_smoothing` is for training only.
+    """
+    targets = images.long()
+    return F.cross_entropy(
+        logits.float().flatten(0, -2),
+        targets.flatten(),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(targets.shape)
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_size: int) -> None:
         super().__init__(nn.Linear(d_model, ffn_size), nn.ReLU(), nn.Linear(ffn_size, d_model))
@@ -214,12 +230,7 @@ class ImageTransformer(nn.Module):
         label_smoothing: float = 0.0,
     ) -> torch.Tensor:
         """Negative log-likelihood in nats of every sub-pixel, [B, C, H, W], in float32."""
-        logits = self.forward(images, labels).float()
-        targets = images.long()
-        return F.cross_entropy(
-            logits.flatten(0, -2), targets.flatten(), reduction="none",
-            label_smoothing=label_smoothing,
-        ).view(targets.shape)
+        return sub_pixel_nll(self.forward(images, labels), images, label_smoothing)
 
     def loss(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0
