@@ -112,4 +112,3 @@ class Attention(nn.Module):
         keys, values = cache.keys[:, :, key_index], cache.values[:, :, key_index]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[None, :])
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
-

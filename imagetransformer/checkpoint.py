@@ -84,8 +84,10 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     try:
         state = safetensors_load(path.read_bytes())
     except (SafetensorError, Exception) as err:
-        raise UserError(f"{path} is corrupt or not a safetensors file ({err}); retrain or "
-                        "restore it from a backup") from None
+        raise UserError(
+            f"{path} is corrupt or not a safetensors file ({err}); retrain or "
+            "restore it from a backup"
+        ) from None
     model = ImageTransformer(config)
     load_state_checked(model, state, path)
     return model.to(map_location)
@@ -106,7 +108,9 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         if wrong:
             details.append(
                 "shape mismatch "
-                + ", ".join(f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in wrong[:4])
+                + ", ".join(
+                    f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in wrong[:4]
+                )
             )
         raise UserError(
             f"{source} does not match this model config ({'; '.join(details)}): it was saved "
@@ -131,6 +135,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(
-            f"checkpoint {path} is corrupt or not a checkpoint of this tool ({type(err).__name__}); "
-            "delete it to start over, or restore a good copy"
+            f"checkpoint {path} is corrupt or not a checkpoint of this tool "
+            f"({type(err).__name__}); delete it to start over, or restore a good copy"
         ) from None

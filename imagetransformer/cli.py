@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .training import RESUMABLE_OVERRIDES, RunInfo, Trainer
 
-    out = Path(args.out or f"runs/{args.preset}")
+    out = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
     if args.resume:
         config = read_config(out)
         info = RunInfo.read(out)
@@ -59,23 +59,38 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"--set {key}=... cannot change on --resume (it would change the model or the "
                     f"steps already taken); allowed: {', '.join(RESUMABLE_OVERRIDES)}"
                 )
+        for option, given, recorded in (
+            ("--data", args.data, info.data),
+            ("--preset", args.preset, info.preset),
+        ):
+            if given is not None and given != recorded:
+                raise UserError(
+                    f"{out} was trained with {option} {recorded}; resume without {option} "
+                    f"{given}, or start a new run with another --out"
+                )
         config, train_cfg = apply_overrides(config, info.train, args.set)
         info.train = train_cfg
     else:
+        preset = args.preset or DEFAULT_PRESET
         config, train_cfg = apply_overrides(
-            load_preset(args.preset), load_train_preset(args.preset), args.set
+            load_preset(preset), load_train_preset(preset), args.set
         )
         info = RunInfo(
-            train=train_cfg, data=args.data, preset=args.preset,
-            image_size=args.image_size, channels=args.channels,
+            train=train_cfg,
+            data=args.data or "mnist5k",
+            preset=preset,
+            image_size=args.image_size,
+            channels=args.channels,
         )
     train_set = _load_split(info.data, "train", _merge(info, args))
     test_set = _load_split(info.data, "test", _merge(info, args))
     device = _device(args.device)
-    trainer = Trainer(out, config, info, train_set, test_set, device=device,
-                      progress=not args.quiet)
+    trainer = Trainer(
+        out, config, info, train_set, test_set, device=device, progress=not args.quiet
+    )
     if args.resume:
         trainer.resume()
+        trainer.record_run_info()
         print(f"resuming {out} at step {trainer.step}/{info.train.max_steps}")
     else:
         trainer.start_new()
@@ -116,6 +131,8 @@ def _open_run(run_dir: str, device: torch.device):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .training import RunInfo, evaluate
 
+    if args.batch_size < 1 or args.limit < 0:
+        raise UserError("--batch-size must be at least 1 and --limit at least 0")
     device = _device(args.device)
     model = _open_run(args.run_dir, device)
     run = Path(args.run_dir)
@@ -131,8 +148,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{'x'.join(map(str, model.config.image_shape))}: pass --image-size/--channels"
         )
     started = time.perf_counter()
-    result = evaluate(model, dataset, batch_size=args.batch_size, max_images=args.limit,
-                      progress=not args.json)
+    result = evaluate(
+        model, dataset, batch_size=args.batch_size, max_images=args.limit, progress=not args.json
+    )
     result.update(split=args.split, data=spec, seconds=round(time.perf_counter() - started, 2))
     if args.json:
         print(json.dumps(result))
@@ -165,8 +183,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError("--label given but this model is unconditional (num_classes=0)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
-    images = model.sample(args.n, temperature=args.temperature, labels=labels,
-                          generator=generator, progress=True)
+    images = model.sample(
+        args.n, temperature=args.temperature, labels=labels, generator=generator, progress=True
+    )
     seconds = time.perf_counter() - started
     path = save_grid(images.cpu(), args.out)
     print(f"wrote {path} ({args.n} samples, {seconds:.1f} s)")
@@ -194,19 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (or --resume a run)")
-    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"default: {DEFAULT_PRESET}")
-    train.add_argument("--data", default="mnist5k",
-                       help="mnist5k (default, offline), cifar10, or a path (image folder, "
-                            "CIFAR-10 archive)")
+    train.add_argument("--preset", help=f"default: {DEFAULT_PRESET}")
+    train.add_argument(
+        "--data",
+        help="mnist5k (default, offline), cifar10, or a path (image folder, CIFAR-10 archive)",
+    )
     train.add_argument("--out", help="run folder (default: runs/PRESET)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a model or training setting, e.g. --set num_layers=6")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model or training setting, e.g. --set num_layers=6",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--image-size", type=int, help="resize images to this side")
-    train.add_argument("--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels")
+    train.add_argument(
+        "--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels"
+    )
     train.add_argument("--download", action="store_true", help="download the data set if missing")
-    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                       help=DEVICE_HELP)
+    train.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -247,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagetransformer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nimagetransformer: interrupted; the last checkpoint is kept (train --resume "
-              "continues from it)", file=sys.stderr)
+        print(
+            "\nimagetransformer: interrupted; the last checkpoint is kept (train --resume "
+            "continues from it)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -163,6 +163,11 @@ class TrainConfig:
                 "batch_size and warmup_steps must be at least 1 and max_steps at least 0, got "
                 f"{self.batch_size}, {self.warmup_steps}, {self.max_steps}"
             )
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 step, got {getattr(self, name)}")
+        if min(self.eval_every, self.eval_images, self.sample_every, self.sample_count) < 0:
+            raise UserError("eval_every, eval_images, sample_every and sample_count must be >= 0")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
@@ -200,7 +205,8 @@ def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(
-            f"unknown {cls.__name__} keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            f"unknown {cls.__name__} keys: {', '.join(unknown)}; "
+            f"known keys: {', '.join(sorted(known))}"
         )
     return cls(**data)
 
@@ -226,6 +232,8 @@ def _coerce(value: str, current: Any, f: dataclasses.Field) -> Any:
         if isinstance(current, tuple):
             return tuple(int(v) for v in text.strip("[]()").split(",") if v.strip())
         if text.lower() in ("none", "null"):
+            if "None" not in str(f.type):
+                raise ValueError(text)
             return None
         if isinstance(current, int) or "int" in str(f.type):
             return int(text)

@@ -13,12 +13,15 @@ from PIL import Image
 from .checkpoint import atomic_write_bytes
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2,
-              min_side: int = 96) -> Image.Image:
+def make_grid(
+    images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_side: int = 96
+) -> Image.Image:
     """Tile uint8 images [n, C, H, W] into one picture; each image is scaled to >= min_side."""
     images = images.detach().cpu()
     if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images [n, C, H, W], got {images.dtype} {list(images.shape)}")
+        raise ValueError(
+            f"expected uint8 images [n, C, H, W], got {images.dtype} {list(images.shape)}"
+        )
     n, c, h, w = images.shape
     scale = max(1, math.ceil(min_side / max(h, w)))
     nrow = nrow or math.ceil(math.sqrt(n))

@@ -242,7 +242,7 @@ class ImageTransformer(nn.Module):
         self, images: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Exact bits/dim of each image, [B] float32 (no smoothing; call in eval mode)."""
-        return self.nll(images, labels).flatten(1).mean(dim=1) / math.log(2)
+        return (self.nll(images, labels) / math.log(2)).flatten(1).mean(dim=1)
 
     def attention_mask(self) -> torch.Tensor:
         """The boolean [N, N] mask in generation order: query step i may see key step j."""
@@ -262,7 +262,11 @@ class ImageTransformer(nn.Module):
         from .sampling import sample
 
         return sample(
-            self, n, temperature=temperature, labels=labels, generator=generator,
+            self,
+            n,
+            temperature=temperature,
+            labels=labels,
+            generator=generator,
             progress=progress,
         )
 

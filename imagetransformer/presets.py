@@ -5,7 +5,6 @@ A preset is a model config plus the training recipe that goes with it.
 
 from __future__ import annotations
 
-
 from .config import ImageTransformerConfig, TrainConfig
 from .errors import UserError
 
@@ -21,8 +20,13 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
     ),
     "cifar10_2d": (
         dict(
-            _PAPER_1D, attention="local_2d", num_layers=8, num_heads=8, dropout=0.3,
-            query_shape=(8, 16), memory_flange=(8, 32),
+            _PAPER_1D,
+            attention="local_2d",
+            num_layers=8,
+            num_heads=8,
+            dropout=0.3,
+            query_shape=(8, 16),
+            memory_flange=(8, 32),
         ),
         dict(batch_size=4, learning_rate=0.1, warmup_steps=4000, max_steps=500_000),
         "CIFAR-10, local 2D, 8 layers, the reference's q3 block sizes",
@@ -39,7 +43,11 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
     ),
     "imagenet64_1d": (
         dict(
-            _PAPER_1D, image_shape=(3, 64, 64), num_layers=8, num_heads=8, dropout=0.1,
+            _PAPER_1D,
+            image_shape=(3, 64, 64),
+            num_layers=8,
+            num_heads=8,
+            dropout=0.1,
             block_length=512,
         ),
         dict(batch_size=1, learning_rate=0.1, warmup_steps=4000, max_steps=1_000_000),
@@ -47,31 +55,72 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
     ),
     "mnist_1d": (
         dict(
-            image_shape=(1, 28, 28), attention="local_1d", num_layers=4, d_model=64,
-            num_heads=4, ffn_size=256, dropout=0.0, block_length=112, memory_length=112,
+            image_shape=(1, 28, 28),
+            attention="local_1d",
+            num_layers=4,
+            d_model=64,
+            num_heads=4,
+            ffn_size=256,
+            dropout=0.0,
+            block_length=112,
+            memory_length=112,
             norm_first=True,
         ),
-        dict(batch_size=8, learning_rate=0.5, warmup_steps=300, max_steps=1500,
-             lr_schedule="cosine", eval_every=500, checkpoint_every=250),
+        dict(
+            batch_size=8,
+            learning_rate=0.5,
+            warmup_steps=300,
+            max_steps=1500,
+            lr_schedule="cosine",
+            eval_every=500,
+            checkpoint_every=250,
+        ),
         "CPU default: mnist5k, local 1D, 4 layers d=64, ~10 minutes on 2 cores",
     ),
     "mnist_2d": (
         dict(
-            image_shape=(1, 28, 28), attention="local_2d", num_layers=4, d_model=64,
-            num_heads=4, ffn_size=256, dropout=0.0, query_shape=(4, 7), memory_flange=(4, 7),
+            image_shape=(1, 28, 28),
+            attention="local_2d",
+            num_layers=4,
+            d_model=64,
+            num_heads=4,
+            ffn_size=256,
+            dropout=0.0,
+            query_shape=(4, 7),
+            memory_flange=(4, 7),
             norm_first=True,
         ),
-        dict(batch_size=8, learning_rate=0.5, warmup_steps=300, max_steps=1500,
-             lr_schedule="cosine", eval_every=500, checkpoint_every=250),
+        dict(
+            batch_size=8,
+            learning_rate=0.5,
+            warmup_steps=300,
+            max_steps=1500,
+            lr_schedule="cosine",
+            eval_every=500,
+            checkpoint_every=250,
+        ),
         "mnist5k, local 2D (4x7 query blocks, 4x7 flanges), 4 layers d=64",
     ),
     "tiny": (
         dict(
-            image_shape=(1, 8, 8), attention="local_1d", num_layers=2, d_model=32,
-            num_heads=2, ffn_size=64, dropout=0.0, block_length=16, norm_first=True,
+            image_shape=(1, 8, 8),
+            attention="local_1d",
+            num_layers=2,
+            d_model=32,
+            num_heads=2,
+            ffn_size=64,
+            dropout=0.0,
+            block_length=16,
+            norm_first=True,
         ),
-        dict(batch_size=8, learning_rate=0.5, warmup_steps=20, max_steps=100, eval_every=50,
-             checkpoint_every=50),
+        dict(
+            batch_size=8,
+            learning_rate=0.5,
+            warmup_steps=20,
+            max_steps=100,
+            eval_every=50,
+            checkpoint_every=50,
+        ),
         "a toy for tests and smoke runs (8x8 grayscale)",
     ),
 }

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from .layout import images_to_raster, raster_to_images
 
 
-def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """One intensity per row of `logits` [B, 256]; temperature 0 means argmax."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -72,7 +74,7 @@ def sample(
             prev = torch.full((n, 1), step - 1, device=values.device)
             x = model._embed_steps(values[:, step - 1 : step], prev)
         h = x + position[step] + conditioning
-        for block, cache in zip(model.blocks, caches):
+        for block, cache in zip(model.blocks, caches, strict=True):
             h = block.step(h, step, model.pattern, cache)
         logits = model.head(model.final_norm(h))[:, 0]
         if return_logits:

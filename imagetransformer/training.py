@@ -37,8 +37,13 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_FORMAT = 1
 # Settings a resumed run may change: they steer the loop, not the function being learned.
 RESUMABLE_OVERRIDES = (
-    "max_steps", "eval_every", "eval_images", "checkpoint_every", "sample_every",
-    "sample_count", "log_every",
+    "max_steps",
+    "eval_every",
+    "eval_images",
+    "checkpoint_every",
+    "sample_every",
+    "sample_count",
+    "log_every",
 )
 
 
@@ -220,6 +225,10 @@ class Trainer:
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json() + "\n")
+        self.record_run_info()
+
+    def record_run_info(self) -> None:
+        """Write run.json (data, preset, recipe): a resume may have raised max_steps."""
         atomic_write_text(self.run_dir / RUN_FILE, self.info.to_json() + "\n")
 
     def resume(self) -> None:
@@ -312,7 +321,10 @@ class Trainer:
         logger = _Logger(self.run_dir, log)
         self.model.train()
         bar = tqdm(
-            total=cfg.max_steps, initial=self.step, desc="train", disable=not self.progress,
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            disable=not self.progress,
             dynamic_ncols=True,
         )
         images_seen, window_start = 0, time.perf_counter()
@@ -326,7 +338,8 @@ class Trainer:
                     metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
                     images_seen, window_start = 0, time.perf_counter()
                     bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}", bpd=f"{metrics['bits_per_dim']:.3f}",
+                        loss=f"{metrics['loss']:.3f}",
+                        bpd=f"{metrics['bits_per_dim']:.3f}",
                         img_s=f"{metrics['images_per_s']:.1f}",
                     )
                     logger.log(self.step, "train", metrics)

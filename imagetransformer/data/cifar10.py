@@ -176,33 +176,48 @@ def _read_batch(stream: IO[bytes], where: str) -> dict[str, Any]:
     except UserError:
         raise
     except Exception as e:  # a corrupt pickle can raise almost anything
-        raise UserError(f"cannot unpickle {where} ({e!r}): the file is damaged; "
-                        "delete it and re-download with --download") from None
+        raise UserError(
+            f"cannot unpickle {where} ({e!r}): the file is damaged; "
+            "delete it and re-download with --download"
+        ) from None
     if not isinstance(raw, dict):
         raise UserError(f"{where} is not a CIFAR-10 batch (not a dict): use the python version")
     raw = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
     data, labels = raw.get("data"), raw.get("labels")
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3 * 32 * 32):
-        raise UserError(f"{where} has no uint8 [N, 3072] 'data' array: it is not a CIFAR-10 "
-                        "python batch; use cifar-10-python.tar.gz")
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3 * 32 * 32
+    ):
+        raise UserError(
+            f"{where} has no uint8 [N, 3072] 'data' array: it is not a CIFAR-10 "
+            "python batch; use cifar-10-python.tar.gz"
+        )
     if not _valid_labels(labels, data.shape[0]):
-        raise UserError(f"{where} has no valid 'labels' list (N ints in 0..9): "
-                        "it is not a CIFAR-10 python batch; use cifar-10-python.tar.gz")
+        raise UserError(
+            f"{where} has no valid 'labels' list (N ints in 0..9): "
+            "it is not a CIFAR-10 python batch; use cifar-10-python.tar.gz"
+        )
     return {"data": data, "labels": np.asarray(labels, dtype=np.int64)}
 
 
 def _valid_labels(labels: Any, n: int) -> bool:
-    return (isinstance(labels, list) and len(labels) == n
-            and all(type(x) is int and 0 <= x <= 9 for x in labels))
+    return (
+        isinstance(labels, list)
+        and len(labels) == n
+        and all(type(x) is int and 0 <= x <= 9 for x in labels)
+    )
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """What protocol-2 pickles of bytes call (_codecs.encode), limited to that one use."""
     normalized = str(encoding).lower().replace("-", "").replace("_", "")
     if not isinstance(text, str) or normalized not in ("latin1", "iso88591"):
-        raise UserError("CIFAR-10 loader refuses this _codecs.encode call: "
-                        "the file is not a CIFAR-10 batch; use the original archive")
+        raise UserError(
+            "CIFAR-10 loader refuses this _codecs.encode call: "
+            "the file is not a CIFAR-10 batch; use the original archive"
+        )
     return text.encode("latin1")
 
 

@@ -29,8 +29,10 @@ def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> Ima
     has = [name for name in ("train", "test") if (root / name).is_dir()]
     if len(has) == 1:
         other = "test" if has == ["train"] else "train"
-        raise UserError(f"{root} has a {has[0]}/ but no {other}/ sub-folder: add {other}/, "
-                        f"or move the images out of {has[0]}/ to hold out 10% automatically")
+        raise UserError(
+            f"{root} has a {has[0]}/ but no {other}/ sub-folder: add {other}/, "
+            f"or move the images out of {has[0]}/ to hold out 10% automatically"
+        )
     if has:
         classes = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
         files, labels = _scan(root / split, classes)
@@ -57,10 +59,7 @@ def _class_dirs(folder: Path) -> list[str]:
     """Names of the visible sub-folders: each one is a class."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p.name for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".")
-    )
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int] | None]:
@@ -87,8 +86,10 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
         return []
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in candidates
-        if p.suffix.lower() in EXTENSIONS and p.is_file()
+        p
+        for p in candidates
+        if p.suffix.lower() in EXTENSIONS
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 

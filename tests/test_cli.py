@@ -1,0 +1,350 @@
+"""The `imagetransformer` command, run in-process on the tiny preset (8x8 mnist5k)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagetransformer import ImageTransformer
+from imagetransformer.cli import main
+from imagetransformer.presets import DEFAULT_PRESET, PRESETS
+
+TINY = ["--preset", "tiny", "--image-size", "8", "--quiet"]
+QUICK = ["--set", "eval_every=0", "--set", "sample_count=4", "--set", "log_every=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The CI box has 2 busy cores: more than one torch thread makes these runs ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(out: Path, *extra: str) -> tuple[int, str, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["train", *TINY, "--out", str(out), *QUICK, *extra])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 6-step run (checkpoints at steps 3 and 6); copy it before changing it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code, stdout, stderr = _train(out, "--set", "max_steps=6", "--set", "checkpoint_every=3")
+    assert code == 0, stderr
+    assert "done: step 6" in stdout
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+def _steps(run: Path, kind: str = "train") -> list[int]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [rec["step"] for rec in map(json.loads, lines) if rec["kind"] == kind]
+
+
+def _checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- train, resume, eval, sample
+
+
+def test_train_writes_a_complete_run_folder(trained: Path) -> None:
+    for name in ("config.json", "run.json", "model.safetensors", "checkpoint.pt", "log.jsonl"):
+        assert (trained / name).is_file(), name
+    assert _checkpoint(trained)["step"] == 6
+    assert _steps(trained) == [1, 2, 3, 4, 5, 6]
+    assert _steps(trained, "test") == [6]  # eval_every=0: only the final evaluation
+    assert (trained / "samples" / "step_0000006.png").is_file()
+    run_info = json.loads((trained / "run.json").read_text())
+    assert run_info["preset"] == "tiny" and run_info["image_size"] == 8
+
+
+def test_resume_eval_sample(trained: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = _copy(trained, tmp_path)
+
+    assert main(["train", "--resume", "--out", str(run), "--set", "max_steps=10", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run} at step 6/10" in out
+    assert "done: step 10" in out
+    assert _checkpoint(run)["step"] == 10
+    assert _steps(run) == list(range(1, 11))  # continued from 6, no step taken twice
+    state = _checkpoint(run)
+    assert state["train_config"]["max_steps"] == 10
+
+    assert main(["eval", str(run), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert 0 < result["bits_per_dim"] < 8.5
+    assert len(result["bits_per_dim_per_channel"]) == 1
+    assert result["bits_per_dim_per_channel"][0] == pytest.approx(result["bits_per_dim"])
+    assert result["split"] == "test" and result["images"] > 0
+    # The final training evaluation saw the same weights and the same split.
+    final = [
+        rec
+        for rec in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if rec["kind"] == "test"
+    ][-1]
+    assert final["step"] == 10
+    assert final["bits_per_dim"] == pytest.approx(result["bits_per_dim"], rel=1e-6)
+
+    assert main(["sample", str(run), "--n", "4", "--out", "grid.png", "--npy", "s.npy"]) == 0
+    out = capsys.readouterr().out
+    assert "grid.png" in out and "s.npy" in out
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.format == "PNG"
+        assert grid.width > 2 * 8 and grid.height > 2 * 8  # 2x2 grid, scaled up
+    samples = np.load(tmp_path / "s.npy")
+    assert samples.dtype == np.uint8
+    assert samples.shape == (4, 1, 8, 8)
+
+
+def test_resume_takes_the_same_steps_as_an_unbroken_run(trained, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resumed = _copy(trained, tmp_path)
+    code, _, err = _train(resumed, "--resume", "--set", "max_steps=9")
+    assert code == 0, err
+    code, _, err = _train(
+        tmp_path / "straight", "--set", "max_steps=9", "--set", "checkpoint_every=3"
+    )
+    assert code == 0, err
+    a = load_file(resumed / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_records_the_new_max_steps(trained, tmp_path, monkeypatch, capsys) -> None:
+    """run.json must carry the max_steps a resume set, or the next --resume reads the old one."""
+    monkeypatch.chdir(tmp_path)
+    run = _copy(trained, tmp_path)
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                "--out",
+                str(run),
+                "--set",
+                "max_steps=7",
+                "--set",
+                "sample_count=0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert _checkpoint(run)["step"] == 7
+    assert json.loads((run / "run.json").read_text())["train"]["max_steps"] == 7
+
+
+def test_from_pretrained_on_a_run_folder(trained: Path) -> None:
+    model = ImageTransformer.from_pretrained(trained)
+    assert model.config.image_shape == (1, 8, 8)
+    assert json.loads((trained / "config.json").read_text()) == model.config.to_dict()
+    weights = _checkpoint(trained)["model"]
+    own = model.state_dict()
+    assert own.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(own[key], value), key
+    model.eval()
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        nll = model.nll(images)
+    assert nll.shape == (2, 1, 8, 8) and torch.isfinite(nll).all()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _assert_user_error(code: int, capsys, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("imagetransformer: error:"), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--preset", "nope"], ["'nope'", "tiny"]),
+        (
+            ["--preset", "tiny", "--image-size", "8", "--data", "no_such_set"],
+            ["no_such_set", "mnist5k"],
+        ),
+        (
+            [
+                "--preset",
+                "tiny",
+                "--image-size",
+                "8",
+                "--set",
+                "attention=local_2d",
+                "--set",
+                "query_shape=3,3",
+            ],
+            ["query_shape", "--set query_shape="],
+        ),
+        (["--preset", "mnist_1d", "--image-size", "8"], ["1x8x8", "1x28x28"]),
+        (["--preset", "tiny", "--set", "no_such_key=1"], ["no_such_key"]),
+        (["--preset", "tiny", "--set", "num_layers=two"], ["num_layers"]),
+    ],
+    ids=["preset", "data", "query_shape", "data_shape", "set_key", "set_value"],
+)
+def test_train_errors(argv, needles, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", *argv, "--set", "max_steps=1", "--quiet"])
+    _assert_user_error(code, capsys, *needles)
+    assert not (tmp_path / "runs").exists()  # nothing written for a refused run
+
+
+def test_train_into_an_existing_run_needs_resume(trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = (trained / "checkpoint.pt").read_bytes()
+    code = main(["train", *TINY, "--out", str(trained), "--set", "max_steps=1"])
+    _assert_user_error(code, capsys, "--resume")
+    assert (trained / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_an_empty_folder(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--resume", "--out", "empty", "--quiet"])
+    _assert_user_error(code, capsys, "not found")
+
+
+def test_resume_refuses_model_changes(trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--resume", "--out", str(trained), "--set", "d_model=64", "--quiet"])
+    _assert_user_error(code, capsys, "d_model", "max_steps")
+    assert _checkpoint(trained)["step"] == 6
+
+
+def test_resume_refuses_a_corrupt_checkpoint(trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = _copy(trained, tmp_path)
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage, not a zip archive" * 10)
+    weights = (run / "model.safetensors").read_bytes()
+    code = main(["train", "--resume", "--out", str(run), "--set", "max_steps=8", "--quiet"])
+    _assert_user_error(code, capsys, "checkpoint.pt", "corrupt")
+    assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_eval_refuses_a_corrupt_weights_file(trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = _copy(trained, tmp_path)
+    (run / "model.safetensors").write_bytes(b"\xff" * 64)
+    code = main(["eval", str(run), "--json"])
+    _assert_user_error(code, capsys, "model.safetensors")
+
+
+def test_eval_on_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "notes.txt").write_text("hello")
+    code = main(["eval", "photos"])
+    _assert_user_error(code, capsys, "config.json")
+
+
+@pytest.mark.parametrize(
+    "extra, needle", [(["--n", "0"], "--n"), (["--label", "3"], "unconditional")]
+)
+def test_sample_errors(extra, needle, trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["sample", str(trained), *extra, "--out", "g.png"])
+    _assert_user_error(code, capsys, needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_eval_refuses_a_zero_batch_size(trained, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["eval", str(trained), "--json", "--batch-size", "0"])
+    _assert_user_error(code, capsys, "--batch-size")
+
+
+@pytest.mark.parametrize("setting", ["checkpoint_every=0", "log_every=0"])
+def test_zero_cadence_settings_do_not_crash(setting, tmp_path, monkeypatch, capsys) -> None:
+    """Either a one-line error up front, or 0 means 'only at the end' like eval_every=0."""
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        [
+            "train",
+            *TINY,
+            "--out",
+            "run",
+            "--set",
+            "max_steps=2",
+            "--set",
+            "eval_every=0",
+            "--set",
+            "sample_count=0",
+            "--set",
+            setting,
+        ]
+    )
+    if code == 2:
+        _assert_user_error(code, capsys, setting.split("=")[0])
+    else:
+        assert code == 0
+        assert _checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_argparse_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--channels", "2"])
+    assert exit_info.value.code == 2
+    assert "imagetransformer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- presets, entry points
+
+
+def test_presets_lists_every_preset(capsys) -> None:
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    listed = [line.split()[0] for line in lines]
+    assert sorted(listed) == sorted(PRESETS)
+    default = [line for line in lines if line.split()[0] == DEFAULT_PRESET]
+    assert "(default)" in default[0]
+    assert any(line.split()[0] == "tiny" and "1x8x8" in line for line in lines)
+
+
+def test_console_script_and_module_help() -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = Path(sys.executable).with_name("imagetransformer")
+    commands = [[sys.executable, "-m", "imagetransformer", "--help"]]
+    commands.append([str(script), "--help"] if script.exists() else ["imagetransformer", "--help"])
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        for verb in ("train", "eval", "sample", "presets"):
+            assert verb in done.stdout

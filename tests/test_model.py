@@ -1,0 +1,172 @@
+"""Model properties: causality, backend agreement, exact likelihoods, clear errors."""
+
+import math
+
+import pytest
+import torch
+
+from imagetransformer import ImageTransformer, UserError
+from imagetransformer.layout import images_to_raster
+from imagetransformer.model import timing_signal
+
+from .helpers import ATTENTION_CONFIGS, tiny_config
+
+KINDS = list(ATTENTION_CONFIGS)
+
+
+def random_images(config, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, *config.image_shape), generator=g, dtype=torch.uint8)
+
+
+def change_step(images, model, step):
+    """A copy of `images` with the intensity generated at `step` changed."""
+    raster = images_to_raster(images).long()
+    t = int(model.generation_order[step])
+    raster[:, t] = (raster[:, t] + 97) % 256
+    c, h, w = images.shape[1:]
+    return raster.view(-1, h, w, c).permute(0, 3, 1, 2).to(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_causality(kind, backend):
+    config = tiny_config(kind, backend=backend)
+    model = ImageTransformer(config).eval()
+    images = random_images(config)
+    base = model.logits_in_generation_order(images)
+    n = config.num_positions
+    for step in [0, 1, 5, 17, n // 2, n - 2, n - 1]:
+        changed = model.logits_in_generation_order(change_step(images, model, step))
+        assert torch.allclose(changed[:, : step + 1], base[:, : step + 1], atol=1e-6, rtol=0)
+        if step < n - 1:
+            assert not torch.allclose(changed[:, step + 1], base[:, step + 1], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kind,shape",
+    [
+        ("global", (3, 4, 6)),
+        ("local_1d", (3, 4, 6)),
+        ("local_1d", (1, 5, 7)),
+        ("local_2d", (3, 4, 6)),
+        ("local_2d", (1, 4, 12)),
+    ],
+)
+def test_blocked_equals_dense_forward_and_gradients(kind, shape):
+    config = tiny_config(kind, image_shape=shape, num_heads=4)
+    model = ImageTransformer(config)
+    images = random_images(config, batch=3)
+    results = {}
+    for backend in ("dense", "blocked"):
+        model.zero_grad()
+        logits = model(images, backend=backend)
+        (logits.square().mean() + model.loss(images)).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        results[backend] = (logits.detach(), grads)
+    assert torch.allclose(results["dense"][0], results["blocked"][0], atol=1e-5)
+    for name, grad in results["dense"][1].items():
+        assert torch.allclose(grad, results["blocked"][1][name], atol=1e-5), name
+
+
+def test_local_1d_with_full_memory_is_global():
+    g_config = tiny_config("global")
+    l_config = tiny_config("local_1d", block_length=8, memory_length=g_config.num_positions)
+    global_model = ImageTransformer(g_config).eval()
+    local_model = ImageTransformer(l_config).eval()
+    local_model.load_state_dict(global_model.state_dict())
+    images = random_images(g_config)
+    assert torch.allclose(global_model(images), local_model(images), atol=1e-5)
+
+
+def test_zero_output_layer_gives_exactly_8_bits():
+    model = ImageTransformer(tiny_config()).eval()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    bpd = model.bits_per_dim(random_images(model.config, batch=4))
+    assert torch.equal(bpd, torch.full((4,), 8.0))
+
+
+def test_softmax_over_256_values_sums_to_one():
+    model = ImageTransformer(tiny_config()).eval()
+    logits = model(random_images(model.config))
+    assert logits.shape == (2, 3, 4, 6, 256)
+    assert torch.allclose(logits.softmax(-1).sum(-1), torch.ones(2, 3, 4, 6), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bits_per_dim_is_mean_negative_log2_prob(kind):
+    model = ImageTransformer(tiny_config(kind)).eval()
+    images = random_images(model.config, batch=3)
+    logits = model(images).double()
+    log_z = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, images.long().unsqueeze(-1)).squeeze(-1)
+    expected = ((log_z - picked) / math.log(2)).flatten(1).mean(1)
+    assert torch.allclose(model.bits_per_dim(images).double(), expected, atol=1e-5)
+
+
+def test_generation_order_and_mask_exposed():
+    model = ImageTransformer(tiny_config("local_2d"))
+    order = model.generation_order
+    assert order.dtype == torch.long
+    assert torch.equal(order.sort().values, torch.arange(72))
+    mask = model.attention_mask()
+    assert mask.shape == (72, 72) and mask.dtype == torch.bool
+
+
+def test_timing_signal_axes():
+    rows = torch.tensor([0, 0, 3])
+    cols = torch.tensor([0, 5, 0])
+    signal = timing_signal(rows, cols, 16)
+    assert signal.shape == (3, 16)
+    assert torch.equal(signal[0, :8], signal[1, :8])  # same row: same first half
+    assert torch.equal(signal[0, 8:], signal[2, 8:])  # same column: same second half
+    assert torch.allclose(signal[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    assert math.isclose(signal[2, 0].item(), math.sin(3.0), rel_tol=1e-6)
+
+
+def test_initialisation_follows_variance_scaling():
+    model = ImageTransformer(tiny_config(d_model=32, ffn_size=64))
+    w = model.blocks[0].ffn[0].weight  # [64, 32]
+    limit = math.sqrt(3 * 0.2 / ((32 + 64) / 2))
+    assert w.abs().max() <= limit and w.abs().max() > 0.9 * limit
+    assert torch.equal(model.blocks[0].ffn[0].bias, torch.zeros(64))
+
+
+def test_class_embedding_changes_logits():
+    model = ImageTransformer(tiny_config(num_classes=3)).eval()
+    images = random_images(model.config)
+    a = model(images, torch.tensor([0, 0]))
+    b = model(images, torch.tensor([1, 1]))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_save_and_load_pretrained(tmp_path, norm_first):
+    model = ImageTransformer(tiny_config("local_2d", norm_first=norm_first, pos="learned")).eval()
+    model.save_pretrained(tmp_path)
+    loaded = ImageTransformer.from_pretrained(tmp_path).eval()
+    images = random_images(model.config)
+    assert torch.equal(model(images), loaded(images))
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    ImageTransformer(tiny_config(d_model=16)).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(tiny_config(d_model=32).to_json())
+    with pytest.raises(UserError, match="does not match"):
+        ImageTransformer.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_have_clear_errors():
+    model = ImageTransformer(tiny_config())
+    with pytest.raises(UserError, match=r"\[B, 3, 4, 6\]"):
+        model(torch.zeros(2, 1, 4, 6, dtype=torch.uint8))
+    with pytest.raises(UserError, match="uint8"):
+        model(torch.zeros(2, 3, 4, 6))
+    with pytest.raises(UserError, match="unconditional"):
+        model(torch.zeros(2, 3, 4, 6, dtype=torch.uint8), torch.tensor([0, 1]))
+    conditional = ImageTransformer(tiny_config(num_classes=2))
+    with pytest.raises(UserError, match="pass labels"):
+        conditional(torch.zeros(2, 3, 4, 6, dtype=torch.uint8))
+    with pytest.raises(UserError, match="0..1"):
+        conditional(torch.zeros(2, 3, 4, 6, dtype=torch.uint8), torch.tensor([0, 5]))

@@ -1,0 +1,59 @@
+"""Sampling: the cached sampler equals the re-running reference; draws follow the softmax."""
+
+import pytest
+import torch
+
+from imagetransformer import ImageTransformer
+from imagetransformer.sampling import sample, sample_reference
+
+from .helpers import ATTENTION_CONFIGS, tiny_config
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION_CONFIGS))
+def test_cached_sampler_matches_reference(kind):
+    model = ImageTransformer(tiny_config(kind, image_shape=(3, 4, 6), num_classes=2))
+    labels = torch.tensor([0, 1])
+    cached, cached_logits = sample(
+        model, 2, labels=labels, generator=torch.Generator().manual_seed(3), return_logits=True
+    )
+    ref, ref_logits = sample_reference(
+        model, 2, labels=labels, generator=torch.Generator().manual_seed(3), return_logits=True
+    )
+    assert cached.dtype == torch.uint8 and cached.shape == (2, 3, 4, 6)
+    assert torch.equal(cached, ref)
+    assert torch.allclose(cached_logits, ref_logits, atol=1e-5)
+    # and the logits are those of the full model on the finished images
+    full = model.eval().logits_in_generation_order(cached, labels)
+    assert torch.allclose(full, cached_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["local_1d", "local_2d"])
+def test_prefix_is_kept_and_samplers_agree(kind):
+    model = ImageTransformer(tiny_config(kind, image_shape=(1, 4, 12)))
+    prefix = torch.randint(0, 256, (3, 1, 4, 12), dtype=torch.uint8)
+    keep = 24  # the first two rows (and, for local_2d, the first block row)
+    out = sample(model, 3, prefix=prefix, keep=keep, generator=torch.Generator().manual_seed(0))
+    ref = sample_reference(
+        model, 3, prefix=prefix, keep=keep, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(out, ref)
+    kept = model.generation_order[:keep]
+    assert torch.equal(out.flatten(1)[:, kept], prefix.flatten(1)[:, kept])
+
+
+def test_draws_follow_the_softmax_and_temperature():
+    model = ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8))).eval()
+    torch.nn.init.zeros_(model.head.weight)
+    probs = torch.zeros(256)
+    probs[[3, 100, 200]] = torch.tensor([0.5, 0.3, 0.2])
+    with torch.no_grad():
+        model.head.bias.copy_(torch.log(probs.clamp_min(1e-30)))
+    images = model.sample(40, generator=torch.Generator().manual_seed(0))
+    values = images.flatten().long()
+    freq = torch.bincount(values, minlength=256).float() / values.numel()  # 2,560 draws
+    assert set(values.unique().tolist()) <= {3, 100, 200}
+    assert torch.allclose(freq[[3, 100, 200]], probs[[3, 100, 200]], atol=0.04)
+    cold = model.sample(40, temperature=0.25, generator=torch.Generator().manual_seed(0))
+    assert (cold == 3).float().mean() > 0.84  # p = 0.5^4 / (0.5^4 + 0.3^4 + 0.2^4) = 0.866
+    greedy = model.sample(2, temperature=0.0)
+    assert (greedy == 3).all()
