@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .training import RESUMABLE_OVERRIDES, RunInfo, Trainer
 
-    out = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
+    preset = args.preset or DEFAULT_PRESET
+    out = Path(args.out) if args.out else _default_run_dir(preset, args.resume)
     if args.resume:
         config = read_config(out)
         info = RunInfo.read(out)
@@ -71,7 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, train_cfg = apply_overrides(config, info.train, args.set)
         info.train = train_cfg
     else:
-        preset = args.preset or DEFAULT_PRESET
         config, train_cfg = apply_overrides(
             load_preset(preset), load_train_preset(preset), args.set
         )
@@ -108,6 +108,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.get('bits_per_dim', float('nan')):.4f}; samples {result.get('samples', '-')}"
     )
     return 0
+
+
+def _default_run_dir(preset: str, resume: bool) -> Path:
+    """runs/PRESET, or the first free runs/PRESET-N so that a second run never clobbers one."""
+    base = Path("runs") / preset
+    if resume:
+        return base
+    candidate, n = base, 1
+    while (candidate / "checkpoint.pt").exists():
+        n += 1
+        candidate = base.with_name(f"{preset}-{n}")
+    return candidate
 
 
 def _merge(info, args):
@@ -218,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="mnist5k (default, offline), cifar10, or a path (image folder, CIFAR-10 archive)",
     )
-    train.add_argument("--out", help="run folder (default: runs/PRESET)")
+    train.add_argument("--out", help="run folder (default: runs/PRESET, or runs/PRESET-N if taken)")
     train.add_argument(
         "--set",
         action="append",

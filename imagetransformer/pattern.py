@@ -144,6 +144,36 @@ class AttentionPattern:
         key_mask[:, :, 0] |= ~inside
         return key_index, key_mask
 
+    @functools.cached_property
+    def banded_layout(self) -> tuple[int, int, torch.Tensor] | None:
+        """The blocked layout as a band, when each block's keys are one short run of steps.
+
+        Block b then reads steps `[b*Q - offset, b*Q - offset + width)`: a strided window
+        (`unfold`) instead of a gather, which is cheaper forward and backward. Returns
+        `(offset, width, key_mask [blocks, Q, width])`, or None when a band would be much wider
+        than the gathered keys (local_2d flanges, global).
+        """
+        key_index, key_mask = self.blocked_layout
+        n, q_block = self.num_positions, self.query_block
+        num_blocks = key_index.shape[0]
+        starts = torch.arange(num_blocks) * q_block
+        reached = key_mask.any(dim=1)
+        lowest = torch.where(reached, key_index, n).min(dim=1).values
+        highest = torch.where(reached, key_index, -1).max(dim=1).values
+        offset = int((starts - lowest).max())
+        width = int((highest - (starts - offset)).max()) + 1
+        if width > 1.25 * key_index.shape[1]:
+            return None
+        keys = starts[:, None] - offset + torch.arange(width)
+        queries = starts[:, None] + torch.arange(q_block)
+        inside = queries < n
+        band_mask = self.allowed(
+            queries.clamp(max=n - 1)[:, :, None], keys.clamp(0, n - 1)[:, None, :]
+        )
+        band_mask &= ((keys >= 0) & (keys < n))[:, None, :] & inside[:, :, None]
+        band_mask[:, :, offset] |= ~inside  # padding queries see their block's first step only
+        return offset, width, band_mask
+
     def step_keys(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key steps that sampling step `step` reads, and which of them it may see."""
         key_index, key_mask = self.blocked_layout

@@ -44,18 +44,24 @@ def test_causality(kind, backend):
 
 
 @pytest.mark.parametrize(
-    "kind,shape",
+    "kind,shape,extra",
     [
-        ("global", (3, 4, 6)),
-        ("local_1d", (3, 4, 6)),
-        ("local_1d", (1, 5, 7)),
-        ("local_2d", (3, 4, 6)),
-        ("local_2d", (1, 4, 12)),
+        ("global", (3, 4, 6), {}),
+        ("local_1d", (3, 4, 6), {}),
+        ("local_1d", (1, 5, 7), {}),  # 35 positions: the last block is partial
+        ("local_2d", (3, 4, 6), {}),
+        ("local_2d", (1, 4, 12), {}),
+        # keys too scattered for a band: the gathering path
+        ("local_2d", (1, 8, 16), dict(query_shape=(1, 2), memory_flange=(3, 2))),
     ],
 )
-def test_blocked_equals_dense_forward_and_gradients(kind, shape):
-    config = tiny_config(kind, image_shape=shape, num_heads=4)
+def test_blocked_equals_dense_forward_and_gradients(kind, shape, extra):
+    config = tiny_config(kind, image_shape=shape, num_heads=4, **extra)
     model = ImageTransformer(config)
+    if extra:
+        assert model.pattern.banded_layout is None
+    if kind == "local_1d":
+        assert model.pattern.banded_layout is not None
     images = random_images(config, batch=3)
     results = {}
     for backend in ("dense", "blocked"):

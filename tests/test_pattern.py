@@ -104,3 +104,12 @@ def test_every_query_sees_itself():
         mask = AttentionPattern(kind, rows, cols, **params).dense_mask()
         assert mask.diagonal().all()
         assert not mask.triu(1).any()
+
+
+def test_band_form_only_where_keys_are_one_short_run():
+    """Blocks whose keys form one short run of steps read a strided window; others gather."""
+    band = AttentionPattern("local_1d", 4, 6, block_length=5, memory_length=3).banded_layout
+    assert band is not None and band[:2] == (3, 8)
+    # a tall, narrow flange over a wide image: the run would be ~10x the gathered keys
+    sparse = AttentionPattern("local_2d", 8, 64, query_shape=(1, 2), memory_flange=(3, 2))
+    assert sparse.banded_layout is None
