@@ -24,6 +24,9 @@ def _on_device(pattern: AttentionPattern, form: str, device: torch.device, dtype
     if key not in _DEVICE_CACHE:
         if form == "dense":
             value = pattern.dense_mask().to(device)
+        elif form == "cache_slots":
+            key_index, mask = pattern.blocked_layout
+            value = ((key_index % pattern.cache_span).to(device), mask.to(device))
         elif form == "banded":
             offset, width, mask = pattern.banded_layout
             value = (offset, width, _additive(mask, dtype).to(device))
@@ -95,10 +98,15 @@ def resolve_backend(name: str, pattern: AttentionPattern) -> str:
 
 
 class KVCache:
-    """Keys and values written one generation step at a time (incremental decoding)."""
+    """Keys and values of the last `span` generation steps, in a ring (slot = step % span).
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor):
-        shape = (batch, heads, length, head_dim)
+    `span` is the pattern's `cache_span`: no step reads a key older than that, so memory and
+    per-step cost follow the attention's reach (block + memory), not the image size.
+    """
+
+    def __init__(self, batch: int, heads: int, span: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, span, head_dim)
+        self.span = span
         self.keys = like.new_zeros(shape)
         self.values = like.new_zeros(shape)
 
@@ -128,18 +136,20 @@ class Attention(nn.Module):
         out = BACKENDS[name](q, k, v, pattern)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
-    def new_cache(self, batch: int, length: int, like: torch.Tensor) -> KVCache:
-        return KVCache(batch, self.num_heads, length, self.head_dim, like)
+    def new_cache(self, batch: int, pattern: AttentionPattern, like: torch.Tensor) -> KVCache:
+        return KVCache(batch, self.num_heads, pattern.cache_span, self.head_dim, like)
 
     def step(
         self, x: torch.Tensor, step: int, pattern: AttentionPattern, cache: KVCache
     ) -> torch.Tensor:
         """One generation step: x [B, 1, d] at `step`; reads only the keys the rule admits."""
         q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
-        cache.keys[:, :, step] = k[:, :, 0]
-        cache.values[:, :, step] = v[:, :, 0]
-        key_index, key_mask = pattern.step_keys(step)
-        key_index, key_mask = key_index.to(x.device), key_mask.to(x.device)
-        keys, values = cache.keys[:, :, key_index], cache.values[:, :, key_index]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[None, :])
+        slot = step % cache.span
+        cache.keys[:, :, slot] = k[:, :, 0]
+        cache.values[:, :, slot] = v[:, :, 0]
+        slots, masks = _on_device(pattern, "cache_slots", x.device)
+        block, offset = divmod(step, pattern.query_block)
+        keys, values = cache.keys[:, :, slots[block]], cache.values[:, :, slots[block]]
+        mask = masks[block, offset][None, :]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))

@@ -174,11 +174,20 @@ class AttentionPattern:
         band_mask[:, :, offset] |= ~inside  # padding queries see their block's first step only
         return offset, width, band_mask
 
-    def step_keys(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key steps that sampling step `step` reads, and which of them it may see."""
+    @functools.cached_property
+    def cache_span(self) -> int:
+        """How many most recent steps a sampler must keep: every key any step reads is newer.
+
+        A ring buffer of this many slots (slot = step % span) is enough for incremental
+        decoding: block + memory for local_1d, about the flange's extent for local_2d, N for
+        global attention.
+        """
         key_index, key_mask = self.blocked_layout
-        block, offset = divmod(step, self.query_block)
-        return key_index[block], key_mask[block, offset]
+        n, q_block = self.num_positions, self.query_block
+        reached = key_mask.any(dim=1)
+        lowest = torch.where(reached, key_index, n).min(dim=1).values
+        last_query = (torch.arange(key_index.shape[0]) * q_block + q_block - 1).clamp(max=n - 1)
+        return int((last_query - lowest).max()) + 1
 
     def max_keys(self) -> int:
         """Largest number of keys any single query may see (tests, docs)."""

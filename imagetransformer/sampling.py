@@ -64,7 +64,7 @@ def sample(
     labels, values = _prepare(model, n, labels, prefix, keep)
     n_pos = values.shape[1]
     like = model.head.weight
-    caches = [block.attn.new_cache(n, n_pos, like) for block in model.blocks]
+    caches = [block.attn.new_cache(n, model.pattern, like) for block in model.blocks]
     position = model._position_signal()
     conditioning = model._conditioning(labels)
     all_logits = like.new_zeros(n, n_pos, 256) if return_logits else None

@@ -337,11 +337,12 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
                     images_seen, window_start = 0, time.perf_counter()
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}",
-                        bpd=f"{metrics['bits_per_dim']:.3f}",
-                        img_s=f"{metrics['images_per_s']:.1f}",
-                    )
+                    postfix = {  # a dict keeps this order; tqdm sorts keyword arguments
+                        "loss": f"{metrics['loss']:.3f}",
+                        "bpd": f"{metrics['bits_per_dim']:.3f}",
+                        "img/s": f"{metrics['images_per_s']:.1f}",
+                    }
+                    bar.set_postfix(postfix)
                     logger.log(self.step, "train", metrics)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     result = self.evaluate(cfg.eval_images)

@@ -113,3 +113,16 @@ def test_band_form_only_where_keys_are_one_short_run():
     # a tall, narrow flange over a wide image: the run would be ~10x the gathered keys
     sparse = AttentionPattern("local_2d", 8, 64, query_shape=(1, 2), memory_flange=(3, 2))
     assert sparse.banded_layout is None
+
+
+def test_cache_span_is_the_attention_reach():
+    """The sampler keeps only the steps later queries can still read."""
+    assert AttentionPattern("local_1d", 28, 28, block_length=56, memory_length=56).cache_span == 112
+    assert AttentionPattern("global", 4, 6).cache_span == 24
+    p2 = AttentionPattern("local_2d", 32, 96, query_shape=(8, 16), memory_flange=(8, 32))
+    assert p2.cache_span < 32 * 96 / 2
+    for kind, rows, cols, params in CASES:  # no step reads a key older than the span
+        pattern = AttentionPattern(kind, rows, cols, **params)
+        steps = torch.arange(pattern.num_positions)
+        age = (steps[:, None] - steps[None, :]).masked_fill(~pattern.dense_mask(), -1)
+        assert age.max() < pattern.cache_span

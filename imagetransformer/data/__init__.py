@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from . import cifar10, folder, mnist5k
+from . import cifar10, folder, imagenet, mnist5k
 from .dataset import ImageDataset
 from .resize import check_options, conform
 
@@ -24,6 +24,7 @@ DATA_ROOT_ENV = "IMAGETRANSFORMER_DATA"
 _BUILTIN: dict[str, Callable[[str, Path, bool], ImageDataset]] = {
     mnist5k.NAME: lambda split, root, download: mnist5k.load(split),
     cifar10.NAME: cifar10.load,
+    **{name: imagenet.loader(name) for name in imagenet.NAMES},  # memory-mapped, see memmap.py
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILTIN)
 
@@ -43,7 +44,7 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
 ) -> ImageDataset:
-    """Load one split of a built-in set (by name) or of a path (image folder, CIFAR-10 archive).
+    """Load one split of a built-in set (by name) or a path (image folder, CIFAR-10/ImageNet file).
 
     A built-in name wins over a same-named folder in the working directory; write ``./name``
     to mean the folder. ``image_size``/``channels`` resize/convert built-ins when given; image
@@ -62,13 +63,16 @@ def load_dataset(
         raise UserError(
             f"unknown data set {spec!r}: use one of {', '.join(DATASET_NAMES)}, "
             "or the path of an image folder (optionally with train/ and test/ sub-folders) "
-            "or of a CIFAR-10 archive"
+            "or of a CIFAR-10 archive or a Downsampled ImageNet file"
         )
     if cifar10.is_cifar_path(path):
         return conform(cifar10.load_path(path, split), image_size, channels)
+    if imagenet.is_imagenet_path(path):
+        return conform(imagenet.load_path(path, split), image_size, channels)
     if path.is_dir():
         return folder.load(path, split, image_size or 32, channels or 3)
     raise UserError(
         f"{path} is not a data set: give a folder of images, a CIFAR-10 "
-        f"{cifar10.ARCHIVE}, or one of {', '.join(DATASET_NAMES)}"
+        f"{cifar10.ARCHIVE}, a Downsampled ImageNet train_32x32.tar or val_data.npz, "
+        f"or one of {', '.join(DATASET_NAMES)}"
     )
