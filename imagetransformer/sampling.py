@@ -103,7 +103,8 @@ def sample_reference(
     labels, values = _prepare(model, n, labels, prefix, keep)
     n_pos = values.shape[1]
     all_logits = model.head.weight.new_zeros(n, n_pos, 256) if return_logits else None
-    for step in range(n_pos):
+    # kept steps need a forward pass only when their logits are asked for
+    for step in range(0 if return_logits else keep, n_pos):
         images = _finish(model, values)
         logits = model.logits_in_generation_order(images, labels)[:, step]
         if return_logits:
