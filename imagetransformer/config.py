@@ -156,6 +156,8 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     sample_count: int = 16
     log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast); bits/dim is reduced in float32
+    compile: bool = False  # torch.compile the training forward (no gain measured on CPU)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 0 or self.warmup_steps < 1:
@@ -171,6 +173,7 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

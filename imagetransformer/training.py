@@ -31,6 +31,7 @@ from .data import ImageDataset
 from .errors import UserError
 from .grid import save_grid
 from .model import ImageTransformer, sub_pixel_nll
+from .precision import autocast, grad_scaler
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -44,6 +45,8 @@ RESUMABLE_OVERRIDES = (
     "sample_every",
     "sample_count",
     "log_every",
+    "precision",
+    "compile",
 )
 
 
@@ -86,10 +89,12 @@ def evaluate(
     batch_size: int = 64,
     max_images: int = 0,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Exact bits/dim over the split (or its first `max_images`), plus per-channel bits/dim.
 
-    Sums are accumulated in float64, so the figure does not depend on the batch size.
+    The network may run in bf16/fp16 (`precision`); the log-softmax is taken in float32 and
+    sums are accumulated in float64, so the figure does not depend on the batch size.
     """
     was_training = model.training
     model.eval()
@@ -103,7 +108,9 @@ def evaluate(
         images, labels = dataset.batch(torch.arange(start, min(start + batch_size, n)))
         images = images.to(device)
         labels = labels.to(device) if conditional and labels is not None else None
-        nll = model.nll(images, labels)  # [B, C, H, W] nats
+        with autocast(device, precision):
+            logits = model(images, labels)
+        nll = sub_pixel_nll(logits, images)  # [B, C, H, W] nats, float32
         per_channel += nll.double().sum(dim=(0, 2, 3)).cpu()
     model.train(was_training)
     dims = n * math.prod(model.config.image_shape[1:])
@@ -213,6 +220,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = ImageTransformer(model_config).to(self.device)
         self.optimizer = make_optimizer(self.model)
+        self.scaler = grad_scaler(self.device, self.cfg.precision)
+        # torch.compile wraps the forward only; weights, checkpoints and sampling use the module
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.step = 0
         self.history: list[dict[str, Any]] = []
 
@@ -244,6 +254,8 @@ class Trainer:
             )
         load_state_checked(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         torch.set_rng_state(state["rng_cpu"])
@@ -260,6 +272,7 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "history": self.history,
             "rng_cpu": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict(),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -279,18 +292,21 @@ class Trainer:
         lr = learning_rate(self.step, cfg, self.config.d_model)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits = self.model(images, labels)
+        with autocast(self.device, cfg.precision):
+            logits = self.forward(images, labels)
         nll = sub_pixel_nll(logits, images).mean()
         if cfg.label_smoothing > 0:
             loss = sub_pixel_nll(logits, images, cfg.label_smoothing).mean()
         else:
             loss = nll
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         return {
             "loss": loss.item(),
@@ -302,7 +318,13 @@ class Trainer:
     def evaluate(self, max_images: int = 0) -> dict[str, Any]:
         if self.test_set is None:
             return {}
-        return evaluate(self.model, self.test_set, batch_size=64, max_images=max_images)
+        return evaluate(
+            self.model,
+            self.test_set,
+            batch_size=64,
+            max_images=max_images,
+            precision=self.cfg.precision,
+        )
 
     def sample_grid(self) -> Path:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)

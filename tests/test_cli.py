@@ -384,3 +384,11 @@ def test_train_on_an_image_folder(tmp_path, monkeypatch, capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 1  # 10% of 12 images, rounded down, at least one
     assert 0 < result["bits_per_dim"] < 9
+
+
+def test_eval_in_bf16_agrees_with_fp32(trained: Path, capsys) -> None:
+    figures = {}
+    for precision in ("fp32", "bf16"):
+        assert main(["eval", str(trained), "--json", "--precision", precision]) == 0
+        figures[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(figures["bf16"]["bits_per_dim"] - figures["fp32"]["bits_per_dim"]) < 0.01

@@ -1,0 +1,63 @@
+"""Mixed precision: bf16 evaluation agrees with fp32; bf16/fp16 training steps work on CPU."""
+
+import pytest
+import torch
+
+from imagetransformer import ImageTransformer, TrainConfig, UserError
+from imagetransformer.data import ImageDataset
+from imagetransformer.precision import autocast
+from imagetransformer.training import RunInfo, Trainer, evaluate
+
+from .helpers import tiny_config
+
+
+def _digits(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 1, 8, 8, generator=g) > 0.7).to(torch.uint8) * 255
+    return ImageDataset(images, None, None, "blobs")
+
+
+def test_bf16_evaluation_agrees_with_fp32():
+    model = ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8)))
+    with torch.no_grad():  # a confident model: large logits make precision matter
+        model.head.weight.mul_(30)
+    data = _digits()
+    fp32 = evaluate(model, data, batch_size=16)["bits_per_dim"]
+    bf16 = evaluate(model, data, batch_size=16, precision="bf16")["bits_per_dim"]
+    assert 1.0 < fp32 < 20
+    assert abs(bf16 - fp32) < 0.01
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_steps(tmp_path, precision):
+    cfg = TrainConfig(
+        batch_size=4,
+        max_steps=3,
+        warmup_steps=2,
+        checkpoint_every=3,
+        sample_count=0,
+        eval_every=0,
+        precision=precision,
+    )
+    trainer = Trainer(
+        tmp_path / precision,
+        tiny_config("local_1d", image_shape=(1, 8, 8)),
+        RunInfo(train=cfg),
+        _digits(),
+        None,
+        progress=False,
+    )
+    trainer.start_new()
+    trainer.fit(log=False)
+    assert trainer.step == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.model.head.weight.dtype == torch.float32  # master weights stay fp32
+    state = torch.load(tmp_path / precision / "checkpoint.pt", weights_only=True)
+    assert "scaler" in state
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(UserError, match="precision"):
+        autocast(torch.device("cpu"), "fp8")
+    with pytest.raises(UserError, match="precision"):
+        TrainConfig(precision="fp8")
