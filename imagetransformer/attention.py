@@ -4,9 +4,13 @@ Backends read the rule from an `AttentionPattern`; none re-derives it:
 - `dense`: full attention under the [N, N] mask, the reference (quadratic).
 - `blocked`: per query block, gather only the keys the rule can admit, attend, scatter back:
   cost N x (block + memory).
+- `flex`: torch's `flex_attention` under a BlockMask built from the pattern's `mask_mod`
+  (compiled into one fused kernel on CUDA; falls back to `blocked` where it cannot run).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,21 @@ from torch import nn
 
 from .pattern import AttentionPattern
 
+try:
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError as error:  # torch < 2.5
+    _flex_attention = create_block_mask = None
+    _FLEX_IMPORT_ERROR = f"torch {torch.__version__} has no flex_attention ({error})"
+else:
+    _FLEX_IMPORT_ERROR = None
+
 _DEVICE_CACHE: dict[tuple, object] = {}
+_WARNED: set[str] = set()
+_COMPILED_FLEX = None
+# flex_attention refuses inputs that require grad on these devices (no backward kernel)
+_FLEX_NO_BACKWARD = ("cpu", "mps")
+_FLEX_DEVICES = ("cuda", "cpu", "xpu", "hpu", "mps")
 
 
 def _on_device(pattern: AttentionPattern, form: str, device: torch.device, dtype=torch.float32):
@@ -27,6 +45,9 @@ def _on_device(pattern: AttentionPattern, form: str, device: torch.device, dtype
         elif form == "cache_slots":
             key_index, mask = pattern.blocked_layout
             value = ((key_index % pattern.cache_span).to(device), mask.to(device))
+        elif form == "flex":
+            n = pattern.num_positions
+            value = create_block_mask(pattern.mask_mod(device), None, None, n, n, device=device)
         elif form == "banded":
             offset, width, mask = pattern.banded_layout
             value = (offset, width, _additive(mask, dtype).to(device))
@@ -87,14 +108,80 @@ def blocked_attention(
     return rearrange(out, "b h nb q d -> b h (nb q) d")[:, :, :n]
 
 
-BACKENDS = {"dense": dense_attention, "blocked": blocked_attention}
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
-def resolve_backend(name: str, pattern: AttentionPattern) -> str:
-    """`auto`: `dense` for global attention (nothing to skip), `blocked` for local attention."""
+def _flex_unavailable(device: torch.device) -> str | None:
+    """Why flex_attention cannot run on `device`, or None when it can."""
+    if _FLEX_IMPORT_ERROR is not None:
+        return _FLEX_IMPORT_ERROR
+    if device.type not in _FLEX_DEVICES:
+        return f"flex_attention does not support {device.type} tensors"
+    return None
+
+
+def _compiled_flex():
+    """`torch.compile(flex_attention)`, created on first use (compiling takes a while)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(_flex_attention)
+    return _COMPILED_FLEX
+
+
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern
+) -> torch.Tensor:
+    """Same function as `dense_attention`, through torch's `flex_attention` and a BlockMask.
+
+    The BlockMask comes from `pattern.mask_mod` (i.e. `allowed`), built once per pattern and
+    device. On CUDA the call is `torch.compile`d: one fused kernel that skips masked-out
+    blocks, forward and backward. Elsewhere it runs eagerly: in torch 2.13 the compiled CPU
+    kernel took 10-30 s to build and gave wrong outputs for local_2d masks, and the eager form
+    computes the full scores matrix (correct, dense cost).
+
+    Falls back to `blocked` (one warning each) where flex_attention cannot run: torch without
+    it, an unsupported device, and gradients on the CPU (or MPS): flex_attention has no
+    backward there and refuses inputs that require grad. Under `torch.no_grad()` it runs on
+    the CPU.
+    """
+    reason = _flex_unavailable(q.device)
+    if reason is not None:
+        _warn_once(f"{reason}; using the blocked backend")
+        return blocked_attention(q, k, v, pattern)
+    if q.device.type in _FLEX_NO_BACKWARD:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            _warn_once(
+                f"flex_attention has no backward on the {q.device.type.upper()}; "
+                "using the blocked backend"
+            )
+            return blocked_attention(q, k, v, pattern)
+        q, k, v = q.detach(), k.detach(), v.detach()  # no graph is recorded here anyway
+    block_mask = _on_device(pattern, "flex", q.device)
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():  # eager on purpose (see above): no "use compile" advice
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_attention(q, k, v, block_mask=block_mask)
+
+
+BACKENDS = {"dense": dense_attention, "blocked": blocked_attention, "flex": flex_attention}
+
+
+def resolve_backend(name: str, pattern: AttentionPattern, device: torch.device | str) -> str:
+    """`auto`: `dense` for global attention (nothing to skip); for local attention `flex` on
+    CUDA when flex_attention is available (a fused kernel that skips masked blocks), `blocked`
+    elsewhere."""
     if name != "auto":
         return name
-    return "dense" if pattern.kind == "global" else "blocked"
+    if pattern.kind == "global":
+        return "dense"
+    device = torch.device(device)
+    if device.type == "cuda" and _flex_unavailable(device) is None:
+        return "flex"
+    return "blocked"
 
 
 class KVCache:
@@ -132,7 +219,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, N, d] in generation order."""
         q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
-        name = resolve_backend(backend or self.backend, pattern)
+        name = resolve_backend(backend or self.backend, pattern, x.device)
         out = BACKENDS[name](q, k, v, pattern)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 

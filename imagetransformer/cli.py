@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .config import apply_overrides
 from .errors import UserError
 from .precision import PRECISIONS, autocast
@@ -59,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.set.append(f"precision={args.precision}")
     if args.compile:
         args.set.append("compile=true")
+    if args.grad_accum is not None:
+        args.set.append(f"grad_accum={args.grad_accum}")
     preset = args.preset or DEFAULT_PRESET
     out = Path(args.out) if args.out else _default_run_dir(preset, args.resume)
     if args.resume:
@@ -95,29 +98,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     train_set = _load_split(info.data, "train", _merge(info, args))
     test_set = _load_split(info.data, "test", _merge(info, args))
-    device = _device(args.device)
+    context, device = distributed.setup(_device(args.device))
     trainer = Trainer(
-        out, config, info, train_set, test_set, device=device, progress=not args.quiet
+        out,
+        config,
+        info,
+        train_set,
+        test_set,
+        device=device,
+        progress=not args.quiet,
+        context=context,
     )
-    if args.resume:
-        trainer.resume()
-        trainer.record_run_info()
-        print(f"resuming {out} at step {trainer.step}/{info.train.max_steps}")
-    else:
-        trainer.start_new()
-    n_params = trainer.model.num_parameters()
-    print(
-        f"training {info.preset or 'model'} ({n_params / 1e6:.2f}M parameters, "
-        f"{config.attention}, {'x'.join(map(str, config.image_shape))}) on {info.data}: "
-        f"{len(train_set)} train / {len(test_set)} test images, device {device}, run folder {out}"
-    )
-    started = time.perf_counter()
-    result = trainer.fit()
-    minutes = (time.perf_counter() - started) / 60
-    print(
-        f"done: step {trainer.step}, {minutes:.1f} min; test bits/dim "
-        f"{result.get('bits_per_dim', float('nan')):.4f}; samples {result.get('samples', '-')}"
-    )
+    say = print if context.is_main else (lambda *a, **k: None)
+    try:
+        if args.resume:
+            trainer.resume()
+            trainer.record_run_info()
+            say(f"resuming {out} at step {trainer.step}/{info.train.max_steps}")
+        else:
+            trainer.start_new()
+        n_params = trainer.model.num_parameters()
+        procs = f", {context.world_size} processes" if context.active else ""
+        say(
+            f"training {info.preset or 'model'} ({n_params / 1e6:.2f}M parameters, "
+            f"{config.attention}, {'x'.join(map(str, config.image_shape))}) on {info.data}: "
+            f"{len(train_set)} train / {len(test_set)} test images, device {device}{procs}, "
+            f"run folder {out}"
+        )
+        started = time.perf_counter()
+        result = trainer.fit()
+        minutes = (time.perf_counter() - started) / 60
+        say(
+            f"done: step {trainer.step}, {minutes:.1f} min; test bits/dim "
+            f"{result.get('bits_per_dim', float('nan')):.4f}; samples {result.get('samples', '-')}"
+        )
+    finally:
+        distributed.teardown(context)
     return 0
 
 
@@ -265,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--grad-accum",
+        type=int,
+        help="micro-batches per step (global batch = batch_size x processes x this)",
+    )
     train.add_argument("--precision", choices=tuple(PRECISIONS), help=PRECISION_HELP)
     train.add_argument(
         "--compile",

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import UserError
 
 ATTENTION_TYPES = ("global", "local_1d", "local_2d")
-BACKENDS = ("auto", "dense", "blocked")
+BACKENDS = ("auto", "dense", "blocked", "flex")
 POSITION_SIGNALS = ("timing", "learned")
 OUTPUTS = ("cat",)
 
@@ -142,7 +142,8 @@ class ImageTransformerConfig:
 class TrainConfig:
     """How a run trains (SPEC.md section 3): optimiser, schedule, batch, evaluation cadence."""
 
-    batch_size: int = 8
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per step: global batch = batch_size x processes x this
     max_steps: int = 1000
     learning_rate: float = 0.1  # the noam "base"; peak lr = base * 10 / sqrt(d_model * warmup)
     warmup_steps: int = 4000
@@ -160,6 +161,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (no gain measured on CPU)
 
     def __post_init__(self) -> None:
+        if self.grad_accum < 1:
+            raise UserError(f"grad_accum must be at least 1, got {self.grad_accum}")
         if self.batch_size < 1 or self.max_steps < 0 or self.warmup_steps < 1:
             raise UserError(
                 "batch_size and warmup_steps must be at least 1 and max_steps at least 0, got "

@@ -2,8 +2,9 @@
 
 Every attention type is two things: a generation order (a permutation of raster positions) and
 a predicate `allowed(q, k)` over positions *in generation order*. Everything else here (the
-dense mask, the gathered key blocks of the `blocked` backend, the keys a sampling step reads)
-is derived from `allowed`, so no backend re-derives the rule.
+dense mask, the gathered key blocks of the `blocked` backend, the `mask_mod` of the `flex`
+backend, the keys a sampling step reads) is derived from `allowed`, so no backend re-derives
+the rule.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class AttentionPattern:
         self.memory_length = memory_length
         self.query_shape = tuple(query_shape)
         self.memory_flange = tuple(memory_flange)
+        self._cells_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if kind == "local_2d" and (rows % query_shape[0] or cols % query_shape[1]):
             raise ValueError(f"query_shape {query_shape} does not tile a {rows}x{cols} grid")
 
@@ -74,6 +76,14 @@ class AttentionPattern:
         order = self.generation_order
         return order // self.cols, order % self.cols
 
+    def cells_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cells` on `device`, moved once and reused (a captured tensor must share the device
+        of the indices that read it, e.g. inside a compiled flex_attention kernel)."""
+        device = torch.device(device)
+        if device not in self._cells_by_device:
+            self._cells_by_device[device] = tuple(t.to(device) for t in self.cells)
+        return self._cells_by_device[device]
+
     @property
     def query_block(self) -> int:
         """Queries per block: the unit the `blocked` backend gathers keys for."""
@@ -84,11 +94,18 @@ class AttentionPattern:
         return min(256, self.num_positions)
 
     # The rule ----------------------------------------------------------------------------------
-    def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def allowed(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cells: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """May query step `q` attend to key step `k`? Broadcasts; both in generation order.
 
         With the shift of SPEC.md 1.3, position k holds the element generated at step k-1, so
-        `k <= q` is exactly causal.
+        `k <= q` is exactly causal. Written with elementwise ops and indexing into the `cells`
+        table only, so it also runs under `vmap` and inside flex_attention's traced `mask_mod`
+        (see `mask_mod`). `cells`: that table on `q`'s device (default: `cells_on(q.device)`).
         """
         causal = k <= q
         if self.kind == "global":
@@ -96,7 +113,7 @@ class AttentionPattern:
         if self.kind == "local_1d":
             block_start = torch.div(q, self.block_length, rounding_mode="floor") * self.block_length
             return causal & (k >= block_start - self.memory_length)
-        row, col = self.cells
+        row, col = self.cells_on(q.device) if cells is None else cells
         qh, qw = self.query_shape
         fh, fw = self.memory_flange
         r0 = torch.div(row[q], qh, rounding_mode="floor") * qh
@@ -111,6 +128,23 @@ class AttentionPattern:
         """The [N, N] boolean mask in generation order (the `dense` backend, tests)."""
         steps = torch.arange(self.num_positions)
         return self.allowed(steps[:, None], steps[None, :])
+
+    def mask_mod(self, device: torch.device | str = "cpu"):
+        """`allowed` as a flex_attention `mask_mod(b, h, q_idx, kv_idx)` for indices on `device`.
+
+        The cells table is resolved here, once, and captured, so tracing the closure does no
+        device moves or cache look-ups. Indices are clamped into `[0, N)`: a kernel may call the
+        mask on the padding of a partial last block, which it then discards anyway, and the
+        clamp keeps that call's table reads in bounds. Over `[0, N) x [0, N)` this is exactly
+        `allowed`.
+        """
+        cells = self.cells_on(device) if self.kind == "local_2d" else None
+        last = self.num_positions - 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return self.allowed(q_idx.clamp(max=last), kv_idx.clamp(max=last), cells)
+
+        return mask_mod
 
     @functools.cached_property
     def blocked_layout(self) -> tuple[torch.Tensor, torch.Tensor]:

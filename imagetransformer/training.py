@@ -7,6 +7,7 @@ and the torch RNG state (dropout), so a resumed run takes the same steps as an u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -90,6 +93,7 @@ def evaluate(
     max_images: int = 0,
     progress: bool = False,
     precision: str = "fp32",
+    context: distributed.Context = distributed.SINGLE,
 ) -> dict[str, Any]:
     """Exact bits/dim over the split (or its first `max_images`), plus per-channel bits/dim.
 
@@ -103,9 +107,10 @@ def evaluate(
     conditional = model.config.num_classes > 0
     channels = model.config.image_shape[0]
     per_channel = torch.zeros(channels, dtype=torch.float64)
-    bar = tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False)
+    mine = torch.arange(context.rank, n, context.world_size)  # each process its own share
+    bar = tqdm(range(0, len(mine), batch_size), desc="eval", disable=not progress, leave=False)
     for start in bar:
-        images, labels = dataset.batch(torch.arange(start, min(start + batch_size, n)))
+        images, labels = dataset.batch(mine[start : start + batch_size])
         images = images.to(device)
         labels = labels.to(device) if conditional and labels is not None else None
         with autocast(device, precision):
@@ -113,6 +118,7 @@ def evaluate(
         nll = sub_pixel_nll(logits, images)  # [B, C, H, W] nats, float32
         per_channel += nll.double().sum(dim=(0, 2, 3)).cpu()
     model.train(was_training)
+    per_channel = distributed.all_reduce_sum(per_channel.to(device), context).cpu()
     dims = n * math.prod(model.config.image_shape[1:])
     per_channel_bpd = (per_channel / dims / math.log(2)).tolist()
     return {
@@ -206,14 +212,16 @@ class Trainer:
         test_set: ImageDataset | None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        context: distributed.Context = distributed.SINGLE,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.context = context
         self.config = model_config
         self.info = info
         self.cfg = info.train
         self.train_set, self.test_set = train_set, test_set
         self.device = torch.device(device)
-        self.progress = progress
+        self.progress = progress and context.is_main
         _check_data_fits(model_config, train_set)
         if test_set is not None:
             _check_data_fits(model_config, test_set)
@@ -221,8 +229,13 @@ class Trainer:
         self.model = ImageTransformer(model_config).to(self.device)
         self.optimizer = make_optimizer(self.model)
         self.scaler = grad_scaler(self.device, self.cfg.precision)
-        # torch.compile wraps the forward only; weights, checkpoints and sampling use the module
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        # DDP and torch.compile wrap the training forward only; weights, checkpoints and
+        # sampling use the plain module (DDP broadcasts rank 0's initial weights)
+        forward: torch.nn.Module = self.model
+        if context.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward) if self.cfg.compile else forward
         self.step = 0
         self.history: list[dict[str, Any]] = []
 
@@ -233,13 +246,16 @@ class Trainer:
                 f"{self.run_dir} already holds a run: pass --resume to continue it, or choose "
                 "another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json() + "\n")
-        self.record_run_info()
+        distributed.barrier(self.context)  # every rank has looked before rank 0 writes
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_json() + "\n")
+            self.record_run_info()
 
     def record_run_info(self) -> None:
         """Write run.json (data, preset, recipe): a resume may have raised max_steps."""
-        atomic_write_text(self.run_dir / RUN_FILE, self.info.to_json() + "\n")
+        if self.context.is_main:
+            atomic_write_text(self.run_dir / RUN_FILE, self.info.to_json() + "\n")
 
     def resume(self) -> None:
         path = self.run_dir / CHECKPOINT_FILE
@@ -263,6 +279,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
     def save(self) -> None:
+        if not self.context.is_main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -280,27 +298,51 @@ class Trainer:
         save_pretrained(self.model, self.run_dir)
 
     # Loop --------------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[torch.Tensor]:
+        """This process's share of the global batch of the current step, in micro-batches.
+
+        The global batch (batch_size x processes x grad_accum images) is the same function of
+        (seed, step) as in a single process, so the number of processes does not change what
+        is learned.
+        """
+        cfg, ctx = self.cfg, self.context
+        per_step = cfg.batch_size * ctx.world_size * cfg.grad_accum
+        idx = batch_indices(self.step, len(self.train_set), per_step, cfg.seed)
+        return [
+            idx[(m * ctx.world_size + ctx.rank) * cfg.batch_size :][: cfg.batch_size]
+            for m in range(cfg.grad_accum)
+        ]
+
     def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        idx = batch_indices(self.step, len(self.train_set), cfg.batch_size, cfg.seed)
-        images, labels = self.train_set.batch(idx)
-        images = images.to(self.device)
-        if self.config.num_classes == 0:
-            labels = None
-        elif labels is not None:
-            labels = labels.to(self.device)
         lr = learning_rate(self.step, cfg, self.config.d_model)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device, cfg.precision):
-            logits = self.forward(images, labels)
-        nll = sub_pixel_nll(logits, images).mean()
-        if cfg.label_smoothing > 0:
-            loss = sub_pixel_nll(logits, images, cfg.label_smoothing).mean()
-        else:
-            loss = nll
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        micro = self._micro_batches()
+        total_loss = total_nll = 0.0
+        for m, idx in enumerate(micro):
+            images, labels = self.train_set.batch(idx)
+            images = images.to(self.device)
+            labels = (
+                labels.to(self.device) if self.config.num_classes and labels is not None else None
+            )
+            last = m == len(micro) - 1
+            sync = (
+                contextlib.nullcontext()
+                if last or not self.context.active
+                else self.forward.no_sync()
+            )
+            with sync:
+                with autocast(self.device, cfg.precision):
+                    logits = self.forward(images, labels)
+                nll = sub_pixel_nll(logits, images).mean()
+                loss = nll
+                if cfg.label_smoothing > 0:
+                    loss = sub_pixel_nll(logits, images, cfg.label_smoothing).mean()
+                self.scaler.scale(loss / len(micro)).backward()
+            total_loss += loss.item() / len(micro)
+            total_nll += nll.item() / len(micro)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -309,8 +351,8 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         return {
-            "loss": loss.item(),
-            "bits_per_dim": nll.item() / math.log(2),
+            "loss": total_loss,
+            "bits_per_dim": total_nll / math.log(2),
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
@@ -324,6 +366,7 @@ class Trainer:
             batch_size=64,
             max_images=max_images,
             precision=self.cfg.precision,
+            context=self.context,
         )
 
     def sample_grid(self) -> Path:
@@ -340,7 +383,7 @@ class Trainer:
     def fit(self, log: bool = True) -> dict[str, Any]:
         """Train to `max_steps`; returns the final evaluation."""
         cfg = self.cfg
-        logger = _Logger(self.run_dir, log)
+        logger = _Logger(self.run_dir, log and self.context.is_main)
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps,
@@ -371,8 +414,11 @@ class Trainer:
                     if result:
                         self.history.append({"step": self.step, **result})
                         logger.log(self.step, "test", _scalars(result))
-                        tqdm.write(f"step {self.step}: test bits/dim {result['bits_per_dim']:.4f}")
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                        if self.context.is_main:
+                            tqdm.write(
+                                f"step {self.step}: test bits/dim {result['bits_per_dim']:.4f}"
+                            )
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.context.is_main:
                     self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save()
@@ -383,7 +429,7 @@ class Trainer:
             self.history.append({"step": self.step, "final": True, **result})
             logger.log(self.step, "test", _scalars(result))
         self.save()
-        if cfg.sample_count:
+        if cfg.sample_count and self.context.is_main:
             result["samples"] = str(self.sample_grid())
         logger.close()
         return result
