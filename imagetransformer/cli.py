@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import apply_overrides
+from .config import BACKENDS, apply_overrides
 from .errors import UserError
 from .precision import PRECISIONS, autocast
 from .presets import DEFAULT_PRESET, describe_presets, load_preset, load_train_preset
@@ -60,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.set.append(f"precision={args.precision}")
     if args.compile:
         args.set.append("compile=true")
+    if args.attention_backend:
+        args.set.append(f"backend={args.attention_backend}")
     if args.grad_accum is not None:
         args.set.append(f"grad_accum={args.grad_accum}")
     preset = args.preset or DEFAULT_PRESET
@@ -281,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--attention-backend",
+        choices=BACKENDS,
+        help="how attention is computed (same function): auto = dense for global attention, "
+        "flex on CUDA, blocked elsewhere; flex has no backward on the CPU (falls back to blocked)",
+    )
     train.add_argument(
         "--grad-accum",
         type=int,
