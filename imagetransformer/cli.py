@@ -215,6 +215,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--top-k must be >= 0 (0: off) and --top-p in (0, 1] (1: off)")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     device = _device(args.device)
@@ -231,7 +233,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with autocast(device, args.precision):
         images = model.sample(
-            args.n, temperature=args.temperature, labels=labels, generator=generator, progress=True
+            args.n,
+            temperature=args.temperature,
+            labels=labels,
+            generator=generator,
+            progress=True,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
     seconds = time.perf_counter() - started
     path = save_grid(images.cpu(), args.out)
@@ -319,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="sample images into a PNG grid")
     sa.add_argument("run_dir")
     sa.add_argument("--n", type=int, default=16)
-    sa.add_argument("--temperature", type=float, default=1.0)
+    sa.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sa.add_argument("--top-k", type=int, default=0, help="keep the k likeliest values (0: off)")
+    sa.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--label", type=int, help="class to sample (class-conditional models)")
     sa.add_argument("--out", default="samples.png", help="PNG grid path")

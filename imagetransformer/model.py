@@ -257,8 +257,13 @@ class ImageTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ) -> torch.Tensor:
-        """n uint8 images [n, C, H, W], one position per step in `generation_order`."""
+        """n uint8 images [n, C, H, W], one position per step in `generation_order`.
+
+        `temperature` divides the logits; `top_k` / `top_p` optionally filter them (0 / 1.0: off).
+        """
         from .sampling import sample
 
         return sample(
@@ -268,6 +273,8 @@ class ImageTransformer(nn.Module):
             labels=labels,
             generator=generator,
             progress=progress,
+            top_k=top_k,
+            top_p=top_p,
         )
 
     # Saving ------------------------------------------------------------------------------------

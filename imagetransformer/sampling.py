@@ -15,12 +15,29 @@ from .layout import images_to_raster, raster_to_images
 
 
 def draw(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """One intensity per row of `logits` [B, 256]; temperature 0 means argmax."""
+    """One intensity per row of `logits` [B, 256]; temperature 0 means argmax.
+
+    `top_k` keeps the k most likely values, `top_p` the smallest set whose probability reaches
+    p (nucleus sampling); the rest get probability 0 before renormalising. 0 and 1.0: off.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -53,6 +70,8 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     return_logits: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Cached sampling of `n` images; the first `keep` generation steps are copied from `prefix`.
 
@@ -80,7 +99,7 @@ def sample(
         if return_logits:
             all_logits[:, step] = logits
         if step >= keep:
-            values[:, step] = draw(logits, temperature, generator)
+            values[:, step] = draw(logits, temperature, generator, top_k, top_p)
     model.train(was_training)
     images = _finish(model, values)
     return (images, all_logits) if return_logits else images
@@ -96,6 +115,8 @@ def sample_reference(
     keep: int = 0,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """The re-running sampler: the full network on the partial image at every step (slow)."""
     was_training = model.training
@@ -110,7 +131,7 @@ def sample_reference(
         if return_logits:
             all_logits[:, step] = logits
         if step >= keep:
-            values[:, step] = draw(logits, temperature, generator)
+            values[:, step] = draw(logits, temperature, generator, top_k, top_p)
     model.train(was_training)
     images = _finish(model, values)
     return (images, all_logits) if return_logits else images

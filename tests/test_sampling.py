@@ -57,3 +57,17 @@ def test_draws_follow_the_softmax_and_temperature():
     assert (cold == 3).float().mean() > 0.84  # p = 0.5^4 / (0.5^4 + 0.3^4 + 0.2^4) = 0.866
     greedy = model.sample(2, temperature=0.0)
     assert (greedy == 3).all()
+
+
+def test_top_k_and_nucleus_filtering():
+    from imagetransformer.sampling import draw
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [0.0] * 252)
+    logits = torch.log(probs.clamp_min(1e-30)).expand(4000, 256)
+    g = torch.Generator().manual_seed(0)
+    top2 = draw(logits, 1.0, g, top_k=2)
+    assert set(top2.unique().tolist()) == {0, 1}
+    assert (top2 == 0).float().mean() == pytest.approx(0.5 / 0.8, abs=0.03)
+    nucleus = draw(logits, 1.0, g, top_p=0.9)  # 0.5 + 0.3 < 0.9 <= 0.95: keeps three values
+    assert set(nucleus.unique().tolist()) == {0, 1, 2}
+    assert set(draw(logits, 1.0, g, top_p=0.4).unique().tolist()) == {0}
