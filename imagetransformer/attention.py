@@ -28,7 +28,6 @@ except ImportError as error:  # torch < 2.5
 else:
     _FLEX_IMPORT_ERROR = None
 
-_DEVICE_CACHE: dict[tuple, object] = {}
 _WARNED: set[str] = set()
 _COMPILED_FLEX = None
 # flex_attention refuses inputs that require grad on these devices (no backward kernel)
@@ -37,9 +36,10 @@ _FLEX_DEVICES = ("cuda", "cpu", "xpu", "hpu", "mps")
 
 
 def _on_device(pattern: AttentionPattern, form: str, device: torch.device):
-    """Pattern tensors moved to `device` once and reused (patterns are shared and immutable)."""
-    key = (id(pattern), form, device)
-    if key not in _DEVICE_CACHE:
+    """Pattern tensors moved to `device` once and kept on the (shared, immutable) pattern."""
+    cache = pattern.device_forms
+    key = (form, device)
+    if key not in cache:
         if form == "dense":
             value = pattern.dense_mask().to(device)
         elif form == "cache_slots":
@@ -54,8 +54,8 @@ def _on_device(pattern: AttentionPattern, form: str, device: torch.device):
         else:
             key_index, mask = pattern.blocked_layout
             value = (key_index.to(device), mask.to(device))
-        _DEVICE_CACHE[key] = value
-    return _DEVICE_CACHE[key]
+        cache[key] = value
+    return cache[key]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ class AttentionPattern:
         self.query_shape = tuple(query_shape)
         self.memory_flange = tuple(memory_flange)
         self._cells_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the forms below moved to a device, filled by the attention backends on first use
+        self.device_forms: dict[tuple[str, torch.device], object] = {}
         if kind == "local_2d" and (rows % query_shape[0] or cols % query_shape[1]):
             raise ValueError(f"query_shape {query_shape} does not tile a {rows}x{cols} grid")
 
