@@ -250,6 +250,78 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# complete --------------------------------------------------------------------------------------
+def _read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One image file as uint8 [C, H, W] in the model's shape (centre crop, area resize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.resize import pil_mode, square_resize
+
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"--image needs a square model, this one takes {h}x{w} images")
+    try:
+        with Image.open(path) as image:
+            image = square_resize(image.convert(pil_mode(c)), h)
+            array = np.asarray(image, dtype=np.uint8).reshape(h, w, c)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .grid import save_grid
+    from .training import RunInfo
+
+    if args.n < 1 or args.count < 1:
+        raise UserError("--n and --count must be at least 1")
+    device = _device(args.device)
+    model = _open_run(args.run_dir, device)
+    shape = tuple(model.config.image_shape)
+    labels = None
+    if args.image:
+        originals = _read_image(args.image, shape)[None]
+    else:
+        run = Path(args.run_dir)
+        info = RunInfo.read(run)
+        dataset = _load_split(info.data, args.from_split, _merge(info, args))
+        picked = torch.arange(min(args.count, len(dataset)))
+        originals, labels = dataset.batch(picked)
+    if model.config.num_classes == 0:
+        labels = None
+    elif labels is None:
+        raise UserError("this model is class-conditional: use --from-split (labels come along)")
+    keep = model.keep_positions(args.keep)
+    repeated = originals.repeat_interleave(args.n, dim=0).to(device)
+    labels = None if labels is None else labels.repeat_interleave(args.n).to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    completions = model.complete(
+        repeated,
+        keep,
+        temperature=args.temperature,
+        labels=labels,
+        generator=generator,
+        progress=True,
+    ).cpu()
+    kept = torch.zeros(model.config.num_positions, dtype=torch.bool)
+    kept[model.generation_order[:keep]] = True
+    masked_in = torch.where(
+        kept.view(shape[1], shape[2], shape[0]).permute(2, 0, 1), originals, 128
+    ).to(torch.uint8)
+    rows = [
+        torch.cat(
+            [originals[i : i + 1], masked_in[i : i + 1], completions[i * args.n : (i + 1) * args.n]]
+        )
+        for i in range(originals.shape[0])
+    ]
+    path = save_grid(torch.cat(rows), args.out, nrow=args.n + 2)
+    print(
+        f"wrote {path}: each row is the original, the kept part ({keep} of "
+        f"{model.config.num_positions} positions, the rest grey) and {args.n} completions"
+    )
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name, description in describe_presets():
         config = load_preset(name)
@@ -337,6 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     sa.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help=PRECISION_HELP)
     sa.set_defaults(func=cmd_sample)
+
+    co = sub.add_parser("complete", help="keep the top of images, sample the rest")
+    co.add_argument("run_dir")
+    source = co.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (resized to the model's size)")
+    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
+    co.add_argument("--count", type=int, default=4, help="images taken from --from-split")
+    co.add_argument(
+        "--keep",
+        type=float,
+        default=0.5,
+        help="fraction kept, in whole rows (whole block rows for local_2d)",
+    )
+    co.add_argument("--n", type=int, default=4, help="completions per image")
+    co.add_argument("--temperature", type=float, default=1.0)
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--out", default="completions.png")
+    co.add_argument("--image-size", type=int)
+    co.add_argument("--channels", type=int, choices=(1, 3))
+    co.add_argument("--download", action="store_true")
+    co.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    co.set_defaults(func=cmd_complete)
 
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=cmd_presets)

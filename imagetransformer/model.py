@@ -277,6 +277,52 @@ class ImageTransformer(nn.Module):
             top_p=top_p,
         )
 
+    def keep_positions(self, fraction: float) -> int:
+        """How many generation steps make up the first `fraction` of the image, in whole rows.
+
+        Raster orders keep whole pixel rows (the top of the image); `local_2d` keeps whole
+        block rows, so that what is kept is exactly a prefix of the generation order.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise UserError(f"the kept fraction must be in [0, 1], got {fraction}")
+        rows, cols = self.config.grid_shape
+        unit = self.config.query_shape[0] if self.config.attention == "local_2d" else 1
+        return round(fraction * rows / unit) * unit * cols
+
+    @torch.no_grad()
+    def complete(
+        self,
+        images: torch.Tensor,
+        keep_positions: int,
+        temperature: float = 1.0,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> torch.Tensor:
+        """Keep the first `keep_positions` generation steps of `images`, sample the rest.
+
+        The kept intensities come back bit for bit; see `keep_positions` for a fraction.
+        """
+        from .sampling import sample
+
+        n_pos = self.config.num_positions
+        if not 0 <= keep_positions <= n_pos:
+            raise UserError(f"keep_positions must be in 0..{n_pos}, got {keep_positions}")
+        return sample(
+            self,
+            images.shape[0],
+            temperature=temperature,
+            labels=labels,
+            prefix=images,
+            keep=keep_positions,
+            generator=generator,
+            progress=progress,
+            top_k=top_k,
+            top_p=top_p,
+        )
+
     # Saving ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` and `model.safetensors` (atomically) into `directory`."""

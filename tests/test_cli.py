@@ -392,3 +392,30 @@ def test_eval_in_bf16_agrees_with_fp32(trained: Path, capsys) -> None:
         assert main(["eval", str(trained), "--json", "--precision", precision]) == 0
         figures[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(figures["bf16"]["bits_per_dim"] - figures["fp32"]["bits_per_dim"]) < 0.01
+
+
+def test_complete_from_split_and_from_a_file(trained: Path, tmp_path, capsys) -> None:
+    out = tmp_path / "completions.png"
+    argv = [
+        "complete",
+        str(trained),
+        "--from-split",
+        "test",
+        "--count",
+        "2",
+        "--n",
+        "3",
+        "--image-size",
+        "8",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "3 completions" in capsys.readouterr().out
+    with Image.open(out) as grid:  # 2 rows of original, masked, 3 completions
+        assert grid.width > grid.height * 2
+    picture = tmp_path / "digit.png"
+    Image.fromarray(np.full((20, 20), 200, dtype=np.uint8)).save(picture)
+    assert main(["complete", str(trained), "--image", str(picture), "--out", str(out)]) == 0
+    code = main(["complete", str(trained), "--image", str(tmp_path / "none.png")])
+    assert code == 2 and "cannot read image" in capsys.readouterr().err

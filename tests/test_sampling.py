@@ -71,3 +71,16 @@ def test_top_k_and_nucleus_filtering():
     nucleus = draw(logits, 1.0, g, top_p=0.9)  # 0.5 + 0.3 < 0.9 <= 0.95: keeps three values
     assert set(nucleus.unique().tolist()) == {0, 1, 2}
     assert set(draw(logits, 1.0, g, top_p=0.4).unique().tolist()) == {0}
+
+
+def test_complete_keeps_whole_rows_or_block_rows():
+    one_d = ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 12)))
+    assert one_d.keep_positions(0.5) == 4 * 12  # top 4 pixel rows
+    two_d = ImageTransformer(
+        tiny_config("local_2d", image_shape=(1, 8, 12), query_shape=(4, 6), memory_flange=(2, 3))
+    )
+    assert two_d.keep_positions(0.5) == 48  # one whole block row: a prefix of the order
+    assert two_d.keep_positions(0.3) == 48 and two_d.keep_positions(0.2) == 0
+    images = torch.randint(0, 256, (2, 1, 8, 12), dtype=torch.uint8)
+    out = two_d.complete(images, 48, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, :4], images[:, :, :4])  # the top block row, bit for bit
