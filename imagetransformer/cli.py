@@ -197,6 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.json,
         precision=args.precision,
     )
+    if args.classify:
+        result["classification"] = _classify(model, dataset, spec, info, args)
     result.update(split=args.split, data=spec, seconds=round(time.perf_counter() - started, 2))
     if args.json:
         print(json.dumps(result))
@@ -206,7 +208,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{spec} {args.split}: {result['bits_per_dim']:.4f} bits/dim over "
             f"{result['images']} images (per channel: {per_channel})"
         )
+        if args.classify:
+            c = result["classification"]
+            print(
+                f"generative classifier: accuracy {c['accuracy']:.4f} over {c['images']} images "
+                f"({c['num_classes']} classes, chance {c['chance']:.4f})"
+            )
     return 0
+
+
+def _classify(model, dataset, spec: str, info, args) -> dict:
+    """Accuracy of argmax_y log p(y | x), with the class prior of the training split."""
+    if dataset.labels is None:
+        raise UserError(f"{spec} has no labels: --classify needs a labelled split")
+    k = model.config.num_classes
+    log_prior = None
+    if info is not None:
+        train_labels = _load_split(spec, "train", _merge(info, args)).labels
+        if train_labels is not None:
+            counts = torch.bincount(train_labels, minlength=k).double().clamp_min(1e-9)
+            log_prior = torch.log(counts / counts.sum())
+    n = len(dataset) if args.limit <= 0 else min(args.limit, len(dataset))
+    correct = 0
+    for start in range(0, n, args.batch_size):
+        images, labels = dataset.batch(torch.arange(start, min(start + args.batch_size, n)))
+        device = model.head.weight.device
+        predicted = model.classify(images.to(device), log_prior).argmax(dim=1).cpu()
+        correct += int((predicted == labels).sum())
+    return {"accuracy": correct / n, "images": n, "num_classes": k, "chance": 1 / k}
 
 
 # sample ----------------------------------------------------------------------------------------
@@ -387,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "test"))
     ev.add_argument("--data", help="data set (default: the one the run trained on)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument(
+        "--classify",
+        action="store_true",
+        help="also report the accuracy of the generative classifier (class-conditional models)",
+    )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     ev.add_argument("--image-size", type=int)

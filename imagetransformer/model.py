@@ -244,6 +244,33 @@ class ImageTransformer(nn.Module):
         """Exact bits/dim of each image, [B] float32 (no smoothing; call in eval mode)."""
         return (self.nll(images, labels) / math.log(2)).flatten(1).mean(dim=1)
 
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(y | x) for every class, [B, K]: Bayes' rule over the class-conditional model.
+
+        `log_prior` [K] is log p(y), e.g. the training set's class frequencies (default:
+        uniform). One forward pass per class; log p(x | y) is summed over all sub-pixels.
+        """
+        k = self.config.num_classes
+        if k == 0:
+            raise UserError("classify needs a class-conditional model (num_classes > 0)")
+        values = self.check_images(images)
+        batch = values.shape[0]
+        log_px_given_y = torch.stack(
+            [
+                -self.nll(images, torch.full((batch,), y, device=values.device))
+                .double()
+                .flatten(1)
+                .sum(1)
+                for y in range(k)
+            ],
+            dim=1,
+        )
+        if log_prior is None:
+            log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
+        joint = log_px_given_y + log_prior.to(log_px_given_y.device, torch.float64)
+        return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
     def attention_mask(self) -> torch.Tensor:
         """The boolean [N, N] mask in generation order: query step i may see key step j."""
         return self.pattern.dense_mask()

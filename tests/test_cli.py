@@ -419,3 +419,15 @@ def test_complete_from_split_and_from_a_file(trained: Path, tmp_path, capsys) ->
     assert main(["complete", str(trained), "--image", str(picture), "--out", str(out)]) == 0
     code = main(["complete", str(trained), "--image", str(tmp_path / "none.png")])
     assert code == 2 and "cannot read image" in capsys.readouterr().err
+
+
+def test_eval_classify_on_a_conditional_run(tmp_path, capsys) -> None:
+    code, _, stderr = _train(tmp_path / "cond", "--set", "max_steps=3", "--set", "num_classes=10")
+    assert code == 0, stderr
+    assert main(["eval", str(tmp_path / "cond"), "--json", "--classify", "--limit", "20"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    c = result["classification"]
+    assert c["images"] == 20 and c["num_classes"] == 10 and c["chance"] == 0.1
+    assert 0.0 <= c["accuracy"] <= 1.0
+    assert main(["eval", str(tmp_path / "cond"), "--classify", "--limit", "8"]) == 0
+    assert "generative classifier: accuracy" in capsys.readouterr().out

@@ -176,3 +176,19 @@ def test_bad_inputs_have_clear_errors():
         conditional(torch.zeros(2, 3, 4, 6, dtype=torch.uint8))
     with pytest.raises(UserError, match="0..1"):
         conditional(torch.zeros(2, 3, 4, 6, dtype=torch.uint8), torch.tensor([0, 5]))
+
+
+def test_classify_is_bayes_rule():
+    model = ImageTransformer(tiny_config(num_classes=3)).eval()
+    images = random_images(model.config, batch=2)
+    log_prior = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    posterior = model.classify(images, log_prior)
+    assert posterior.shape == (2, 3)
+    assert torch.allclose(posterior.exp().sum(1), torch.ones(2, dtype=torch.float64))
+    log_px = torch.stack(
+        [-model.nll(images, torch.tensor([y, y])).double().flatten(1).sum(1) for y in range(3)], 1
+    )
+    expected = torch.log_softmax(log_px + log_prior.double(), dim=1)
+    assert torch.allclose(posterior, expected, atol=1e-6)
+    with pytest.raises(UserError, match="class-conditional"):
+        ImageTransformer(tiny_config()).classify(images)
