@@ -286,10 +286,14 @@ class ImageTransformer(nn.Module):
         progress: bool = False,
         top_k: int = 0,
         top_p: float = 1.0,
+        prefix: torch.Tensor | None = None,
+        keep: int = 0,
     ) -> torch.Tensor:
         """n uint8 images [n, C, H, W], one position per step in `generation_order`.
 
         `temperature` divides the logits; `top_k` / `top_p` optionally filter them (0 / 1.0: off).
+        With `prefix` (uint8 [n, C, H, W]) the first `keep` generation steps are copied from it
+        (completion, see `complete`).
         """
         from .sampling import sample
 
@@ -298,6 +302,8 @@ class ImageTransformer(nn.Module):
             n,
             temperature=temperature,
             labels=labels,
+            prefix=prefix,
+            keep=keep,
             generator=generator,
             progress=progress,
             top_k=top_k,
@@ -316,38 +322,19 @@ class ImageTransformer(nn.Module):
         unit = self.config.query_shape[0] if self.config.attention == "local_2d" else 1
         return round(fraction * rows / unit) * unit * cols
 
-    @torch.no_grad()
     def complete(
-        self,
-        images: torch.Tensor,
-        keep_positions: int,
-        temperature: float = 1.0,
-        labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        self, images: torch.Tensor, keep_positions: int, temperature: float = 1.0, **options
     ) -> torch.Tensor:
         """Keep the first `keep_positions` generation steps of `images`, sample the rest.
 
         The kept intensities come back bit for bit; see `keep_positions` for a fraction.
+        `options` are those of `sample` (labels, generator, progress, top_k, top_p).
         """
-        from .sampling import sample
-
         n_pos = self.config.num_positions
         if not 0 <= keep_positions <= n_pos:
             raise UserError(f"keep_positions must be in 0..{n_pos}, got {keep_positions}")
-        return sample(
-            self,
-            images.shape[0],
-            temperature=temperature,
-            labels=labels,
-            prefix=images,
-            keep=keep_positions,
-            generator=generator,
-            progress=progress,
-            top_k=top_k,
-            top_p=top_p,
+        return self.sample(
+            images.shape[0], temperature, prefix=images, keep=keep_positions, **options
         )
 
     # Saving ------------------------------------------------------------------------------------
