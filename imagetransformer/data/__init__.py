@@ -1,4 +1,4 @@
-"""Data sets as in-memory uint8 tensors: built-in names or a path, one entry point.
+"""Data sets as uint8 images (in memory, or memory-mapped for ImageNet): one entry point.
 
 Adding a source (e.g. imagenet, celeba) means one module with a loader and one entry in
 ``_BUILTIN`` below; the rest of the package only ever sees ``ImageDataset``.
