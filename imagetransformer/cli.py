@@ -361,6 +361,28 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 # parser ----------------------------------------------------------------------------------------
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP
+    )
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision", default="fp32", choices=tuple(PRECISIONS), help=PRECISION_HELP
+    )
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """How data is read (every verb that loads a data set) and where the model runs."""
+    parser.add_argument("--image-size", type=int, help="resize images to this side")
+    parser.add_argument(
+        "--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels"
+    )
+    parser.add_argument("--download", action="store_true", help="download the data set if missing")
+    _add_device(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagetransformer",
@@ -383,14 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a model or training setting, e.g. --set num_layers=6",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--image-size", type=int, help="resize images to this side")
-    train.add_argument(
-        "--channels", type=int, choices=(1, 3), help="convert images to 1 or 3 channels"
-    )
-    train.add_argument("--download", action="store_true", help="download the data set if missing")
-    train.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP
-    )
+    _add_data_options(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
         "--attention-backend",
@@ -423,11 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
-    ev.add_argument("--image-size", type=int)
-    ev.add_argument("--channels", type=int, choices=(1, 3))
-    ev.add_argument("--download", action="store_true")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    ev.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help=PRECISION_HELP)
+    _add_data_options(ev)
+    _add_precision(ev)
     ev.set_defaults(func=cmd_eval)
 
     sa = sub.add_parser("sample", help="sample images into a PNG grid")
@@ -440,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--label", type=int, help="class to sample (class-conditional models)")
     sa.add_argument("--out", default="samples.png", help="PNG grid path")
     sa.add_argument("--npy", help="also save the uint8 array [n, C, H, W] here")
-    sa.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    sa.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help=PRECISION_HELP)
+    _add_device(sa)
+    _add_precision(sa)
     sa.set_defaults(func=cmd_sample)
 
     co = sub.add_parser("complete", help="keep the top of images, sample the rest")
@@ -460,10 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--temperature", type=float, default=1.0)
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--out", default="completions.png")
-    co.add_argument("--image-size", type=int)
-    co.add_argument("--channels", type=int, choices=(1, 3))
-    co.add_argument("--download", action="store_true")
-    co.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    _add_data_options(co)
     co.set_defaults(func=cmd_complete)
 
     pr = sub.add_parser("presets", help="list the presets")
