@@ -39,3 +39,16 @@ def raster_to_yxc(image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]
     c, h, w = image_shape
     t = torch.arange(c * h * w)
     return t // (w * c), (t % (w * c)) // c, t % c
+
+
+def area_downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> uint8 [B, C, H/scale, W/scale]: the mean of each scale x scale
+    block, rounded (SPEC.md 5: super-resolution inputs are made by area averaging).
+
+    Sides must be multiples of `scale`. Rounding (not truncation) keeps the low-resolution
+    image unbiased; the mean is taken in float64, so the result is exact.
+    """
+    if scale < 1 or images.shape[-1] % scale or images.shape[-2] % scale:
+        raise ValueError(f"image sides {list(images.shape[-2:])} are not multiples of {scale}")
+    blocks = rearrange(images.double(), "b c (h sh) (w sw) -> b c h w (sh sw)", sh=scale, sw=scale)
+    return blocks.mean(dim=-1).round().clamp(0, 255).to(torch.uint8)
