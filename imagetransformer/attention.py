@@ -197,7 +197,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (no biases, scale (d/h)^-0.5) under an `AttentionPattern`."""
+    """Multi-head attention (no biases, scale (d/h)^-0.5): masked by an `AttentionPattern`, or
+    unmasked (encoder, encoder-decoder)."""
 
     def __init__(self, d_model: int, num_heads: int, backend: str = "auto") -> None:
         super().__init__()
@@ -213,12 +214,37 @@ class Attention(nn.Module):
         return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
     def forward(
-        self, x: torch.Tensor, pattern: AttentionPattern, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        pattern: AttentionPattern | None,
+        backend: str | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [B, N, d] in generation order."""
-        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
-        name = resolve_backend(backend or self.backend, pattern, x.device)
-        out = BACKENDS[name](q, k, v, pattern)
+        """x: [B, N, d] in generation order.
+
+        With a `pattern`, masked self-attention by its rule. Without one, unmasked: every query
+        sees every key, as in the super-resolution encoder and encoder-decoder attention
+        (SPEC.md 2.4); `memory` [B, M, d] then supplies the keys and values instead of x.
+        """
+        source = x if memory is None else memory
+        q = self._heads(self.query(x))
+        k, v = self._heads(self.key(source)), self._heads(self.value(source))
+        if pattern is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            name = resolve_backend(backend or self.backend, pattern, x.device)
+            out = BACKENDS[name](q, k, v, pattern)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of an encoder output, computed once per sampling run."""
+        return self._heads(self.key(memory)), self._heads(self.value(memory))
+
+    def attend_memory(
+        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Unmasked attention of x [B, n, d] over precomputed `memory_keys_values`."""
+        out = F.scaled_dot_product_attention(self._heads(self.query(x)), *keys_values)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
     def new_cache(self, batch: int, pattern: AttentionPattern, like: torch.Tensor) -> KVCache:

@@ -203,10 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        per_channel = ", ".join(f"{v:.4f}" for v in result["bits_per_dim_per_channel"])
+        per_channel = ", ".join(f"{v:.4f}" for v in result.get("bits_per_dim_per_channel", []))
         print(
             f"{spec} {args.split}: {result['bits_per_dim']:.4f} bits/dim over "
-            f"{result['images']} images (per channel: {per_channel})"
+            f"{result['images']} images" + (f" (per channel: {per_channel})" if per_channel else "")
         )
         if args.classify:
             c = result["classification"]
@@ -332,11 +332,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         generator=generator,
         progress=True,
     ).cpu()
-    kept = torch.zeros(model.config.num_positions, dtype=torch.bool)
-    kept[model.generation_order[:keep]] = True
-    masked_in = torch.where(
-        kept.view(shape[1], shape[2], shape[0]).permute(2, 0, 1), originals, 128
-    ).to(torch.uint8)
+    masked_in = torch.where(model.kept_mask(keep), originals, 128).to(torch.uint8)
     rows = [
         torch.cat(
             [originals[i : i + 1], masked_in[i : i + 1], completions[i * args.n : (i + 1) * args.n]]

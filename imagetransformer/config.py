@@ -17,7 +17,8 @@ from .errors import UserError
 ATTENTION_TYPES = ("global", "local_1d", "local_2d")
 BACKENDS = ("auto", "dense", "blocked", "flex")
 POSITION_SIGNALS = ("timing", "learned")
-OUTPUTS = ("cat",)
+OUTPUTS = ("cat", "dmol")
+TASKS = ("generate", "superres")
 
 
 def _as_pair(value: Any, name: str) -> tuple[int, int]:
@@ -49,7 +50,11 @@ class ImageTransformerConfig:
     pos: str = "timing"
     norm_first: bool = False  # post-norm as in the paper; pre-norm trains small models better
     num_classes: int = 0  # 0: unconditional
-    output: str = "cat"
+    output: str = "cat"  # cat: 256-way softmax per sub-pixel; dmol: logistic mixture per pixel
+    num_mixtures: int = 10  # dmol components
+    task: str = "generate"  # generate: p(x) or p(x | y); superres: p(x | area-downsampled x)
+    scale: int = 4  # superres: the low-resolution input is the image shrunk by this factor
+    encoder_layers: int = 4  # superres: unmasked self-attention blocks over the input
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]
@@ -58,15 +63,27 @@ class ImageTransformerConfig:
         self.validate()
 
     @property
+    def per_pixel(self) -> bool:
+        """One position per pixel (dmol) rather than one per channel intensity (cat)."""
+        return self.output == "dmol"
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
-        """Rows and columns of the position grid: one column per channel of each pixel."""
+        """Rows and columns of the position grid: one column per channel of each pixel
+        (cat), or per pixel (dmol)."""
         c, h, w = self.image_shape
-        return h, w * c
+        return (h, w) if self.per_pixel else (h, w * c)
+
+    @property
+    def low_res_shape(self) -> tuple[int, int, int]:
+        """The super-resolution input [C, H/scale, W/scale]."""
+        c, h, w = self.image_shape
+        return c, h // self.scale, w // self.scale
 
     @property
     def num_positions(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+        rows, cols = self.grid_shape
+        return rows * cols
 
     @property
     def effective_memory_length(self) -> int:
@@ -84,6 +101,11 @@ class ImageTransformerConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("pos", self.pos, POSITION_SIGNALS)
         _choice("output", self.output, OUTPUTS)
+        _choice("task", self.task, TASKS)
+        if self.num_mixtures < 1:
+            raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
+        if self.task == "superres":
+            self._validate_superres()
         for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -121,6 +143,21 @@ class ImageTransformerConfig:
                     f"divide {cols}, e.g. --set query_shape={_divisor_near(rows, qh)},"
                     f"{_divisor_near(cols, qw)}"
                 )
+
+    def _validate_superres(self) -> None:
+        _, h, w = self.image_shape
+        if self.scale < 2 or h % self.scale or w % self.scale:
+            raise UserError(
+                f"superres scale must be at least 2 and divide the image sides ({h}x{w}), got "
+                f"{self.scale}; e.g. --set scale=4 for 32x32 from 8x8"
+            )
+        if self.encoder_layers < 1:
+            raise UserError(f"superres needs encoder_layers >= 1, got {self.encoder_layers}")
+        if self.num_classes:
+            raise UserError(
+                "a superres model is conditioned on its low-resolution input, not on classes: "
+                "drop num_classes"
+            )
 
     # JSON round-trip ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

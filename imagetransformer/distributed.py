@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,19 @@ def all_reduce_sum(tensor: torch.Tensor, context: Context) -> torch.Tensor:
     if context.active:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_to_main(obj: Any, context: Context) -> list[Any] | None:
+    """Every process's `obj`, in rank order, on the main process (None elsewhere).
+
+    For per-process state that only rank 0 writes to disk (the RNG states of a checkpoint).
+    Every process must call it: it is a collective.
+    """
+    if not context.active:
+        return [obj]
+    gathered: list[Any] | None = [None] * context.world_size if context.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def barrier(context: Context) -> None:

@@ -1,8 +1,10 @@
-"""The Image Transformer (SPEC.md sections 1, 3, 4.1): embedding, position signals, blocks, head.
+"""The Image Transformer (SPEC.md sections 1, 3-5): embedding, position signals, blocks, head.
 
-The model works in generation order: images are flattened to raster positions, permuted once
-into the pattern's generation order, embedded, shifted by one and run through the blocks; the
-logits are permuted back to [B, C, H, W, 256] at the end.
+The model works in generation order: images are flattened to raster positions (one per channel
+intensity, or one per pixel for the mixture-of-logistics output), permuted once into the
+pattern's generation order, embedded, shifted by one and run through the blocks; the head's
+outputs are permuted back to image layout at the end. A super-resolution model adds an encoder
+over the low-resolution image and encoder-decoder attention in every block.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import nn
 from .attention import Attention, KVCache
 from .config import ImageTransformerConfig
 from .errors import UserError
-from .layout import images_to_raster, raster_channel, raster_to_images
+from .layout import area_downsample, images_to_raster, raster_cells, raster_channel
+from .outputs import output_distribution
 from .pattern import AttentionPattern
 
 LN_EPS = 1e-6
@@ -37,34 +40,19 @@ def timing_signal(rows: torch.Tensor, cols: torch.Tensor, d_model: int) -> torch
     return torch.cat(parts, dim=-1).float()
 
 
-def sub_pixel_nll(
-    logits: torch.Tensor, images: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Cross-entropy in nats of each sub-pixel: logits [B, C, H, W, 256], images [B, C, H, W].
-
-    Computed in float32 whatever the logits' dtype; `label_smoothing` is for training only.
-    """
-    targets = images.long()
-    return F.cross_entropy(
-        logits.float().flatten(0, -2),
-        targets.flatten(),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    ).view(targets.shape)
-
-
 class FeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_size: int) -> None:
         super().__init__(nn.Linear(d_model, ffn_size), nn.ReLU(), nn.Linear(ffn_size, d_model))
 
 
 class Block(nn.Module):
-    """Masked self-attention then feed-forward, each with dropout, a residual and LayerNorm.
+    """Masked self-attention, (super-resolution) encoder-decoder attention, feed-forward; each
+    with dropout, a residual and LayerNorm.
 
     Post-norm (`x = LN(x + f(x))`) as in the paper; pre-norm (`x = x + f(LN(x))`) on request.
     """
 
-    def __init__(self, config: ImageTransformerConfig) -> None:
+    def __init__(self, config: ImageTransformerConfig, cross_attention: bool = False) -> None:
         super().__init__()
         d = config.d_model
         self.norm_first = config.norm_first
@@ -72,28 +60,83 @@ class Block(nn.Module):
         self.ffn = FeedForward(d, config.ffn_size)
         self.norm1 = nn.LayerNorm(d, eps=LN_EPS)
         self.norm2 = nn.LayerNorm(d, eps=LN_EPS)
+        self.cross_attn = Attention(d, config.num_heads) if cross_attention else None
+        self.norm_cross = nn.LayerNorm(d, eps=LN_EPS) if cross_attention else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def _sublayers(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, norm: nn.Module, f) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.dropout(attend(self.norm1(x)))
-            return x + self.dropout(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.dropout(attend(x)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+            return x + self.dropout(f(norm(x)))
+        return norm(x + self.dropout(f(x)))
+
+    def _sublayers(self, x: torch.Tensor, attend, attend_memory) -> torch.Tensor:
+        x = self._residual(x, self.norm1, attend)
+        if self.cross_attn is not None:
+            x = self._residual(x, self.norm_cross, attend_memory)
+        return self._residual(x, self.norm2, self.ffn)
 
     def forward(
-        self, x: torch.Tensor, pattern: AttentionPattern, backend: str | None = None
+        self,
+        x: torch.Tensor,
+        pattern: AttentionPattern | None,
+        backend: str | None = None,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._sublayers(x, lambda h: self.attn(h, pattern, backend))
+        """`pattern` None: unmasked self-attention (the encoder); `memory`: the encoder output
+        that encoder-decoder attention reads."""
+        return self._sublayers(
+            x,
+            lambda h: self.attn(h, pattern, backend),
+            lambda h: self.cross_attn(h, None, memory=memory),
+        )
 
     def step(
-        self, x: torch.Tensor, step: int, pattern: AttentionPattern, cache: KVCache
+        self,
+        x: torch.Tensor,
+        step: int,
+        pattern: AttentionPattern,
+        cache: KVCache,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self._sublayers(x, lambda h: self.attn.step(h, step, pattern, cache))
+        return self._sublayers(
+            x,
+            lambda h: self.attn.step(h, step, pattern, cache),
+            lambda h: self.cross_attn.attend_memory(h, memory_kv),
+        )
+
+
+class Encoder(nn.Module):
+    """The super-resolution encoder (SPEC.md 5): the low-resolution image embedded with its own
+    table (one position per channel intensity, as 1.1), timing signals, unmasked blocks."""
+
+    def __init__(self, config: ImageTransformerConfig) -> None:
+        super().__init__()
+        shape = config.low_res_shape
+        d = config.d_model
+        self.d_model = d
+        self.register_buffer("_channel", raster_channel(shape), persistent=False)
+        self.register_buffer("_timing", timing_signal(*raster_cells(shape), d), persistent=False)
+        self.embed = nn.Embedding(256 * shape[0], d)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.encoder_layers))
+        self.final_norm = nn.LayerNorm(d, eps=LN_EPS) if config.norm_first else nn.Identity()
+
+    def forward(self, low_res: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, h, w] -> [B, C*h*w, d]."""
+        tokens = self._channel * 256 + images_to_raster(low_res.long())
+        x = self.embed(tokens) * math.sqrt(self.d_model) + self._timing
+        x = self.input_dropout(x)
+        for block in self.blocks:
+            x = block(x, None)
+        return self.final_norm(x)
 
 
 class ImageTransformer(nn.Module):
-    """Decoder-only Image Transformer over uint8 images [B, C, H, W] (categorical output)."""
+    """The Image Transformer over uint8 images [B, C, H, W].
+
+    Decoder-only for p(x) and p(x | class); with `task="superres"` an encoder reads the
+    low-resolution image and every block attends to it: p(x | area-downsampled x).
+    """
 
     def __init__(self, config: ImageTransformerConfig) -> None:
         super().__init__()
@@ -105,10 +148,14 @@ class ImageTransformer(nn.Module):
         order = self.pattern.generation_order
         self.register_buffer("generation_order", order.clone(), persistent=False)
         self.register_buffer("_inverse_order", torch.argsort(order), persistent=False)
-        self.register_buffer(
-            "_step_channel", raster_channel(config.image_shape)[order].clone(), persistent=False
-        )
-        self.embed = nn.Embedding(256 * c, d)
+        self.distribution = output_distribution(config)
+        if config.per_pixel:  # SPEC.md 1.2: a 1 x C convolution over the pixel's channels
+            self.embed = nn.Linear(c, d)
+        else:
+            self.register_buffer(
+                "_step_channel", raster_channel(config.image_shape)[order].clone(), persistent=False
+            )
+            self.embed = nn.Embedding(256 * c, d)
         rows, cols = self.pattern.cells
         if config.pos == "timing":
             self.register_buffer("_timing", timing_signal(rows, cols, d), persistent=False)
@@ -120,9 +167,14 @@ class ImageTransformer(nn.Module):
             self.register_buffer("_cols", cols.clone(), persistent=False)
         self.class_embed = nn.Embedding(config.num_classes, d) if config.num_classes else None
         self.input_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        superres = config.task == "superres"
+        self.encoder = Encoder(config) if superres else None
+        self.blocks = nn.ModuleList(
+            Block(config, cross_attention=superres) for _ in range(config.num_layers)
+        )
         self.final_norm = nn.LayerNorm(d, eps=LN_EPS) if config.norm_first else nn.Identity()
-        self.head = nn.Linear(d, 256)
+        # dmol: a linear layer without bias to the mixture parameters (SPEC.md 1.2)
+        self.head = nn.Linear(d, self.distribution.num_params, bias=not config.per_pixel)
         self.reset_parameters()
 
     # Initialisation ----------------------------------------------------------------------------
@@ -177,13 +229,41 @@ class ImageTransformer(nn.Module):
             raise UserError(f"labels must be {batch} integers in 0..{k - 1}")
         return labels
 
+    def check_low_res(self, low_res: torch.Tensor | None, images: torch.Tensor | None, batch: int):
+        """The super-resolution input: given, or made from `images` by area averaging."""
+        if self.encoder is None:
+            if low_res is not None:
+                raise UserError(
+                    "this model has no low-resolution input (task=generate); train one with "
+                    "--task superres"
+                )
+            return None
+        c, h, w = self.config.low_res_shape
+        if low_res is None:
+            if images is None:
+                raise UserError(f"this super-resolution model needs low_res [B, {c}, {h}, {w}]")
+            return area_downsample(images, self.config.scale)
+        if not isinstance(low_res, torch.Tensor) or low_res.dtype != torch.uint8:
+            raise UserError("low_res must be a uint8 tensor of intensities 0..255")
+        if low_res.dim() == 3:
+            low_res = low_res[None].expand(batch, -1, -1, -1)
+        if tuple(low_res.shape) != (batch, c, h, w):
+            raise UserError(
+                f"this model upscales [B, {c}, {h}, {w}] images by {self.config.scale}, got "
+                f"low_res {list(low_res.shape)}: resize the input to {h}x{w}"
+            )
+        return low_res.to(self.head.weight.device)
+
     def _position_signal(self) -> torch.Tensor:
         if self.config.pos == "timing":
             return self._timing
         return self.row_embed(self._rows) + self.col_embed(self._cols)
 
     def _embed_steps(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """Embedding of intensities `values` generated at `steps`, scaled by sqrt(d)."""
+        """Embedding of the values generated at `steps`: intensities [B, S] scaled by sqrt(d)
+        (cat), or pixels [B, S, C] rescaled to [-1, 1], a linear layer and ReLU (dmol)."""
+        if self.config.per_pixel:
+            return F.relu(self.embed(values.float() / 127.5 - 1.0))
         tokens = self._step_channel[steps] * 256 + values
         return self.embed(tokens) * math.sqrt(self.config.d_model)
 
@@ -198,18 +278,21 @@ class ImageTransformer(nn.Module):
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         backend: str | None = None,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, N, 256] logits; entry i predicts the element generated at step i."""
+        """[B, N, P] head outputs; entry i predicts the element generated at step i."""
         values = self.check_images(images)
         labels = self.check_labels(labels, values.shape[0])
-        seq = images_to_raster(values)[:, self.generation_order]
+        low_res = self.check_low_res(low_res, images, values.shape[0])
+        memory = self.encoder(low_res) if self.encoder is not None else None
+        seq = self.distribution.to_sequence(values)[:, self.generation_order]
         steps = torch.arange(seq.shape[1], device=seq.device)
         emb = self._embed_steps(seq, steps)
         x = F.pad(emb[:, :-1], (0, 0, 1, 0))  # shift: step i sees the element of step i-1
         x = x + self._position_signal() + self._conditioning(labels)
         x = self.input_dropout(x)
         for block in self.blocks:
-            x = block(x, self.pattern, backend)
+            x = block(x, self.pattern, backend, memory)
         return self.head(self.final_norm(x))
 
     def forward(
@@ -217,10 +300,16 @@ class ImageTransformer(nn.Module):
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         backend: str | None = None,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, C, H, W, 256] for uint8 images [B, C, H, W]."""
-        logits = self.logits_in_generation_order(images, labels, backend)
-        return raster_to_images(logits[:, self._inverse_order], self.config.image_shape)
+        """Head outputs in image layout for uint8 images [B, C, H, W]: logits [B, C, H, W, 256]
+        (cat) or mixture parameters [B, H, W, P] (dmol).
+
+        A super-resolution model conditions on `low_res` [B, C, H/s, W/s], by default the
+        images' own area-downsampled copy (what training and bits/dim use).
+        """
+        params = self.logits_in_generation_order(images, labels, backend, low_res)
+        return self.distribution.params_to_images(params[:, self._inverse_order])
 
     # Likelihood --------------------------------------------------------------------------------
     def nll(
@@ -228,21 +317,33 @@ class ImageTransformer(nn.Module):
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Negative log-likelihood in nats of every sub-pixel, [B, C, H, W], in float32."""
-        return sub_pixel_nll(self.forward(images, labels), images, label_smoothing)
+        """Negative log-likelihood in nats, float32: of every sub-pixel [B, C, H, W] (cat), or
+        of every pixel [B, H, W] (dmol: its channels are scored jointly)."""
+        params = self.forward(images, labels, low_res=low_res)
+        return self.distribution.nll(params, images.long(), label_smoothing)
 
     def loss(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training loss: mean nats per sub-pixel (optionally label-smoothed)."""
-        return self.nll(images, labels, label_smoothing).mean()
+        return self.nll(images, labels, label_smoothing, low_res).sum() / images.numel()
 
     def bits_per_dim(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Exact bits/dim of each image, [B] float32 (no smoothing; call in eval mode)."""
-        return (self.nll(images, labels) / math.log(2)).flatten(1).mean(dim=1)
+        dims = math.prod(self.config.image_shape)
+        nats = self.nll(images, labels, low_res=low_res).double().flatten(1).sum(1)
+        return (nats / dims / math.log(2)).float()
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
@@ -288,12 +389,15 @@ class ImageTransformer(nn.Module):
         top_p: float = 1.0,
         prefix: torch.Tensor | None = None,
         keep: int = 0,
+        low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n uint8 images [n, C, H, W], one position per step in `generation_order`.
 
-        `temperature` divides the logits; `top_k` / `top_p` optionally filter them (0 / 1.0: off).
+        `temperature` divides the logits (dmol: scales the mixture logits and the logistic
+        scales); `top_k` / `top_p` optionally filter them (0 / 1.0: off; categorical only).
         With `prefix` (uint8 [n, C, H, W]) the first `keep` generation steps are copied from it
-        (completion, see `complete`).
+        (completion, see `complete`). A super-resolution model needs `low_res` [n, C, h, w]
+        (see `upscale`).
         """
         from .sampling import sample
 
@@ -304,6 +408,7 @@ class ImageTransformer(nn.Module):
             labels=labels,
             prefix=prefix,
             keep=keep,
+            low_res=low_res,
             generator=generator,
             progress=progress,
             top_k=top_k,
@@ -321,6 +426,26 @@ class ImageTransformer(nn.Module):
         rows, cols = self.config.grid_shape
         unit = self.config.query_shape[0] if self.config.attention == "local_2d" else 1
         return round(fraction * rows / unit) * unit * cols
+
+    def upscale(self, low_res: torch.Tensor, temperature: float = 1.0, **options) -> torch.Tensor:
+        """Super-resolution: one sample [B, C, H, W] per low-resolution image [B, C, h, w].
+
+        `options` are those of `sample` (generator, progress); repeat the input to draw several.
+        """
+        if self.encoder is None:
+            raise UserError("upscale needs a super-resolution model (task=superres)")
+        if not isinstance(low_res, torch.Tensor) or low_res.dim() != 4:
+            raise UserError("low_res must be a uint8 tensor [B, C, h, w]")
+        return self.sample(low_res.shape[0], temperature, low_res=low_res, **options)
+
+    def kept_mask(self, keep_positions: int) -> torch.Tensor:
+        """Which intensities the first `keep_positions` generation steps fix: bool [C, H, W]."""
+        kept = torch.zeros(self.config.num_positions, dtype=torch.bool)
+        kept[self.generation_order[:keep_positions].cpu()] = True
+        c, h, w = self.config.image_shape
+        if self.config.per_pixel:
+            return kept.view(1, h, w).expand(c, h, w)
+        return kept.view(h, w, c).permute(2, 0, 1)
 
     def complete(
         self, images: torch.Tensor, keep_positions: int, temperature: float = 1.0, **options

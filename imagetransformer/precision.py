@@ -1,6 +1,6 @@
 """Mixed precision through autocast: one place that maps `fp32|bf16|fp16` to a context.
 
-Likelihoods are always reduced in float32 (see `model.sub_pixel_nll`), whatever the compute
+Likelihoods are always reduced in float32 (see `outputs.py`), whatever the compute
 precision. On CPUs without bf16 hardware, bf16 autocast was ~10x slower than fp32 (measured on
 the development machine), so fp32 stays the default everywhere.
 """

@@ -2,7 +2,8 @@
 
 A run lives in one folder (DESIGN.md 4). Resuming is exact: the data order of every epoch is a
 pure function of (seed, epoch), and the checkpoint holds the weights, the optimizer, the step
-and the torch RNG state (dropout), so a resumed run takes the same steps as an unbroken one.
+and every process's torch RNG state (dropout), so a resumed run takes the same steps as an
+unbroken one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,15 @@ from .config import ImageTransformerConfig, TrainConfig
 from .data import ImageDataset
 from .errors import UserError
 from .grid import save_grid
-from .model import ImageTransformer, sub_pixel_nll
+from .model import ImageTransformer
 from .precision import autocast, grad_scaler
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FORMAT = 1
 # Settings a resumed run may change: they steer the loop, not the function being learned.
+# batch_size and grad_accum only so that the global batch stays (Trainer.resume checks): that is
+# how a run moves to another number of processes.
 RESUMABLE_OVERRIDES = (
     "max_steps",
     "eval_every",
@@ -50,6 +54,8 @@ RESUMABLE_OVERRIDES = (
     "log_every",
     "precision",
     "compile",
+    "batch_size",
+    "grad_accum",
 )
 
 
@@ -106,7 +112,8 @@ def evaluate(
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     conditional = model.config.num_classes > 0
     channels = model.config.image_shape[0]
-    per_channel = torch.zeros(channels, dtype=torch.float64)
+    per_channel = torch.zeros(channels, dtype=torch.float64)  # cat: nats per channel
+    total = torch.zeros(1, dtype=torch.float64)
     mine = torch.arange(context.rank, n, context.world_size)  # each process its own share
     bar = tqdm(range(0, len(mine), batch_size), desc="eval", disable=not progress, leave=False)
     for start in bar:
@@ -114,18 +121,19 @@ def evaluate(
         images = images.to(device)
         labels = labels.to(device) if conditional and labels is not None else None
         with autocast(device, precision):
-            logits = model(images, labels)
-        nll = sub_pixel_nll(logits, images)  # [B, C, H, W] nats, float32
-        per_channel += nll.double().sum(dim=(0, 2, 3)).cpu()
+            params = model(images, labels)
+        nll = model.distribution.nll(params, images.long())  # nats, float32
+        total += nll.double().sum().cpu()
+        if not model.config.per_pixel:  # [B, C, H, W]; dmol scores a pixel's channels jointly
+            per_channel += nll.double().sum(dim=(0, 2, 3)).cpu()
     model.train(was_training)
-    per_channel = distributed.all_reduce_sum(per_channel.to(device), context).cpu()
+    sums = distributed.all_reduce_sum(torch.cat([total, per_channel]).to(device), context).cpu()
+    total, per_channel = sums[0], sums[1:]
     dims = n * math.prod(model.config.image_shape[1:])
-    per_channel_bpd = (per_channel / dims / math.log(2)).tolist()
-    return {
-        "bits_per_dim": float(per_channel.sum() / (dims * channels) / math.log(2)),
-        "bits_per_dim_per_channel": per_channel_bpd,
-        "images": n,
-    }
+    result = {"bits_per_dim": float(total / (dims * channels) / math.log(2)), "images": n}
+    if not model.config.per_pixel:
+        result["bits_per_dim_per_channel"] = (per_channel / dims / math.log(2)).tolist()
+    return result
 
 
 @dataclass
@@ -138,6 +146,7 @@ class RunInfo:
     image_size: int | None = None
     channels: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None  # processes of the latest (re)start; None: not recorded
 
     def to_json(self) -> str:
         return json.dumps(
@@ -147,6 +156,7 @@ class RunInfo:
                 "preset": self.preset,
                 "image_size": self.image_size,
                 "channels": self.channels,
+                "world_size": self.world_size,
                 **self.extra,
             },
             indent=2,
@@ -164,6 +174,7 @@ class RunInfo:
             preset=data.pop("preset", None),
             image_size=data.pop("image_size", None),
             channels=data.pop("channels", None),
+            world_size=data.pop("world_size", None),
             extra=data,
         )
 
@@ -227,6 +238,9 @@ class Trainer:
             _check_data_fits(model_config, test_set)
         torch.manual_seed(self.cfg.seed)
         self.model = ImageTransformer(model_config).to(self.device)
+        # each rank its own dropout stream: one shared seed would drop the same units for
+        # every rank's different images (rank 0 keeps the single-process stream)
+        torch.manual_seed(self.cfg.seed + 1_000_003 * context.rank)
         self.optimizer = make_optimizer(self.model)
         self.scaler = grad_scaler(self.device, self.cfg.precision)
         # DDP and torch.compile wrap the training forward only; weights, checkpoints and
@@ -253,7 +267,8 @@ class Trainer:
             self.record_run_info()
 
     def record_run_info(self) -> None:
-        """Write run.json (data, preset, recipe): a resume may have raised max_steps."""
+        """Write run.json (data, preset, recipe, processes): a resume may have changed them."""
+        self.info.world_size = self.context.world_size
         if self.context.is_main:
             atomic_write_text(self.run_dir / RUN_FILE, self.info.to_json() + "\n")
 
@@ -272,15 +287,72 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        self._check_batch_layout(state, path)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self._restore_rng(state)
+
+    def _check_batch_layout(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a resume whose global batch differs; warn if only its split does.
+
+        Step s trains on chunk s of a permutation cut into global batches (_micro_batches), so
+        with the same global batch every step sees the same images whatever the number of
+        processes; another global batch would change the data of every step still to come.
+        Checkpoints from before `world_size` was saved count as written by this many processes.
+        """
+        cfg, ctx = self.cfg, self.context
+        saved = state.get("train_config") or {}
+        was = (
+            int(saved.get("batch_size", cfg.batch_size)),
+            int(state.get("world_size", ctx.world_size)),
+            int(saved.get("grad_accum", 1)),
+        )
+        now = (cfg.batch_size, ctx.world_size, cfg.grad_accum)
+        if was == now:
+            return
+        recorded, current = math.prod(was), math.prod(now)
+        if current != recorded:
+            raise UserError(
+                f"{path} was trained on a global batch of {recorded} images per step "
+                f"(batch_size {was[0]} x {was[1]} processes x grad_accum {was[2]}) but this "
+                f"resume would take {current} (batch_size {now[0]} x {now[1]} processes x "
+                f"grad_accum {now[2]}): {_layout_fix(recorded, cfg.batch_size, ctx.world_size)}"
+            )
+        if ctx.is_main:
+            warnings.warn(
+                f"resuming with batch_size {now[0]} x {now[1]} processes x grad_accum {now[2]} "
+                f"instead of {was[0]} x {was[1]} x {was[2]}: each step sees the same "
+                f"{recorded} images, but dropout draws (and float rounding) differ from an "
+                "unbroken run",
+                stacklevel=3,
+            )
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Give each process its own saved RNG states, so that its dropout draws continue.
+
+        Checkpoints hold one state per rank (`rng_cpu_ranks`, `rng_cuda_ranks`); older ones only
+        rank 0's (`rng_cpu`, `rng_cuda`), which every rank then gets, as before. After a change
+        in the number of processes rank r takes saved state r modulo the saved count.
+        """
+        rank = self.context.rank
+        cpu = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
+        torch.set_rng_state(cpu[rank % len(cpu)])
+        if self.device.type == "cuda":
+            cuda = state.get("rng_cuda_ranks") or (
+                [state["rng_cuda"]] if "rng_cuda" in state else []
+            )
+            if cuda:
+                torch.cuda.set_rng_state(cuda[rank % len(cuda)], self.device)
 
     def save(self) -> None:
+        """Write checkpoint and weights from rank 0; every rank must call it (RNG gather)."""
+        rng: dict[str, torch.Tensor] = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = distributed.gather_to_main(rng, self.context)
         if not self.context.is_main:
             return
+        assert ranks is not None
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -289,11 +361,15 @@ class Trainer:
             "model_config": self.config.to_dict(),
             "train_config": self.cfg.to_dict(),
             "history": self.history,
-            "rng_cpu": torch.get_rng_state(),
             "scaler": self.scaler.state_dict(),
+            "world_size": self.context.world_size,
+            # one RNG state per rank; rank 0's also under the old keys, for older readers
+            "rng_cpu": rng["cpu"],
+            "rng_cpu_ranks": [r["cpu"] for r in ranks],
         }
         if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+            state["rng_cuda"] = rng["cuda"]
+            state["rng_cuda_ranks"] = [r["cuda"] for r in ranks]
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, state)
         save_pretrained(self.model, self.run_dir)
 
@@ -335,11 +411,13 @@ class Trainer:
             )
             with sync:
                 with autocast(self.device, cfg.precision):
-                    logits = self.forward(images, labels)
-                nll = sub_pixel_nll(logits, images).mean()
+                    params = self.forward(images, labels)
+                nll = self.model.distribution.nll(params, images.long()).sum() / images.numel()
                 loss = nll
                 if cfg.label_smoothing > 0:
-                    loss = sub_pixel_nll(logits, images, cfg.label_smoothing).mean()
+                    loss = self.model.distribution.nll(
+                        params, images.long(), cfg.label_smoothing
+                    ).mean()
                 self.scaler.scale(loss / len(micro)).backward()
             total_loss += loss.item() / len(micro)
             total_nll += nll.item() / len(micro)
@@ -396,7 +474,8 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 metrics = self._train_step()
-                images_seen += cfg.batch_size
+                # global: every process's micro-batches
+                images_seen += cfg.batch_size * cfg.grad_accum * self.context.world_size
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - window_start
@@ -440,6 +519,24 @@ def _scalars(result: dict[str, Any]) -> dict[str, Any]:
     for c, value in enumerate(result.get("bits_per_dim_per_channel", [])):
         out[f"bits_per_dim_channel{c}"] = value
     return out
+
+
+def _layout_fix(global_batch: int, batch_size: int, world_size: int) -> str:
+    """How to reach `global_batch` with `world_size` processes: the advice of a refused resume."""
+    goal = f"so that batch_size x processes x grad_accum is {global_batch} again"
+    if global_batch % (batch_size * world_size) == 0:
+        accum = global_batch // (batch_size * world_size)
+        return f"set grad_accum={accum} (--grad-accum {accum}) {goal}"
+    if global_batch % world_size == 0:
+        size = global_batch // world_size
+        return (
+            f"set batch_size={size} and grad_accum=1 (--set batch_size={size} --grad-accum 1) "
+            + goal
+        )
+    return (
+        f"use a number of processes that divides {global_batch}, and set batch_size and "
+        f"grad_accum {goal}"
+    )
 
 
 def _check_data_fits(config: ImageTransformerConfig, dataset: ImageDataset) -> None:
