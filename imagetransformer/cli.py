@@ -15,7 +15,13 @@ from . import distributed
 from .config import BACKENDS, apply_overrides
 from .errors import UserError
 from .precision import PRECISIONS, autocast
-from .presets import DEFAULT_PRESET, describe_presets, load_preset, load_train_preset
+from .presets import (
+    DEFAULT_PRESET,
+    describe_presets,
+    load_preset,
+    load_train_preset,
+    preset_data,
+)
 
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
@@ -64,6 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.set.append(f"backend={args.attention_backend}")
     if args.grad_accum is not None:
         args.set.append(f"grad_accum={args.grad_accum}")
+    if args.task is not None:
+        args.set.append(f"task={args.task}")
+    if args.scale is not None:
+        args.set.append(f"scale={args.scale}")
     preset = args.preset or DEFAULT_PRESET
     out = Path(args.out) if args.out else _default_run_dir(preset, args.resume)
     if args.resume:
@@ -93,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         info = RunInfo(
             train=train_cfg,
-            data=args.data or "mnist5k",
+            data=args.data or preset_data(preset),
             preset=preset,
             image_size=args.image_size,
             channels=args.channels,
@@ -199,6 +209,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.classify:
         result["classification"] = _classify(model, dataset, spec, info, args)
+    if model.config.task == "superres" and args.sr_images > 0:
+        from .superres import evaluate_superres
+
+        result["superres"] = evaluate_superres(
+            model,
+            dataset,
+            max_images=args.sr_images,
+            temperatures=_temperatures(args.temperatures),
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.json,
+        )
     result.update(split=args.split, data=spec, seconds=round(time.perf_counter() - started, 2))
     if args.json:
         print(json.dumps(result))
@@ -208,6 +230,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{spec} {args.split}: {result['bits_per_dim']:.4f} bits/dim over "
             f"{result['images']} images" + (f" (per channel: {per_channel})" if per_channel else "")
         )
+        if "superres" in result:
+            from .superres import psnr_summary
+
+            c, h, w = model.config.low_res_shape
+            print(
+                f"(bits/dim of each image given its {h}x{w} area-downsampled copy); one sample "
+                f"per image for {result['superres']['images']} images:"
+            )
+            print(psnr_summary(result["superres"]))
         if args.classify:
             c = result["classification"]
             print(
@@ -215,6 +246,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"({c['num_classes']} classes, chance {c['chance']:.4f})"
             )
     return 0
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--temperatures takes numbers like 0.8,0.9,1.0, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise UserError(f"--temperatures takes numbers >= 0 like 0.8,0.9,1.0, got {text!r}")
+    return values
 
 
 def _classify(model, dataset, spec: str, info, args) -> dict:
@@ -347,6 +388,71 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+# upscale ---------------------------------------------------------------------------------------
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from .grid import save_grid
+    from .layout import area_downsample
+    from .superres import superres_rows
+    from .training import RunInfo
+
+    if args.n < 1 or args.count < 1:
+        raise UserError("--n and --count must be at least 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    device = _device(args.device)
+    model = _open_run(args.run_dir, device)
+    config = model.config
+    if config.task != "superres":
+        raise UserError(
+            f"{args.run_dir} is not a super-resolution run (task={config.task}); train one with "
+            "--task superres (e.g. --preset mnist_sr)"
+        )
+    truth = None
+    if args.image:
+        low_res, truth = _read_low_res(args.image, config)
+    else:
+        info = RunInfo.read(Path(args.run_dir))
+        dataset = _load_split(info.data, args.from_split, _merge(info, args))
+        truth, _ = dataset.batch(torch.arange(min(args.count, len(dataset))))
+        low_res = area_downsample(truth, config.scale)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    started = time.perf_counter()
+    samples = model.upscale(
+        low_res.repeat_interleave(args.n, dim=0).to(device),
+        temperature=args.temperature,
+        generator=generator,
+        progress=True,
+    ).cpu()
+    images, per_row = superres_rows(low_res, samples, config.scale, truth)
+    path = save_grid(images, args.out, nrow=per_row)
+    seconds = time.perf_counter() - started
+    shown = "input (pixels repeated), samples" + (", truth" if truth is not None else "")
+    print(f"wrote {path}: each row is {shown} ({samples.shape[0]} samples, {seconds:.1f} s)")
+    if args.npy:
+        np.save(args.npy, samples.numpy())
+        print(f"wrote {args.npy} (uint8 {list(samples.shape)})")
+    return 0
+
+
+def _read_low_res(path: str, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input of `upscale --image`: an image of the input size is used as it is; one of the
+    output size is area-downsampled (and shown as the truth); others are cropped and resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .layout import area_downsample
+
+    c, h, w = config.image_shape
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
+    if size == (w, h):
+        truth = _read_image(path, config.image_shape)[None]
+        return area_downsample(truth, config.scale), truth
+    return _read_image(path, config.low_res_shape)[None], None
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name, description in describe_presets():
         config = load_preset(name)
@@ -390,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help=f"default: {DEFAULT_PRESET}")
     train.add_argument(
         "--data",
-        help="mnist5k (default, offline), cifar10, or a path (image folder, CIFAR-10 archive)",
+        help="mnist5k (offline; the default of the mnist and tiny presets), cifar10, celeba, "
+        "imagenet32, imagenet64 (the other presets' defaults), imagenet32_labelled, or a path "
+        "(image folder, CIFAR-10 archive, CelebA folder, Downsampled ImageNet file)",
     )
     train.add_argument("--out", help="run folder (default: runs/PRESET, or runs/PRESET-N if taken)")
     train.add_argument(
@@ -416,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--precision", choices=tuple(PRECISIONS), help=PRECISION_HELP)
     train.add_argument(
+        "--task",
+        choices=("generate", "superres"),
+        help="superres: learn p(image | its area-downsampled copy) with an encoder-decoder",
+    )
+    train.add_argument(
+        "--scale", type=int, help="superres: the input is the image shrunk by this factor"
+    )
+    train.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the training forward (no speed-up measured on CPU; try it on GPUs)",
@@ -432,6 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also report the accuracy of the generative classifier (class-conditional models)",
     )
+    ev.add_argument(
+        "--sr-images",
+        type=int,
+        default=16,
+        help="super-resolution runs: images upscaled for PSNR/SSIM/consistency (0: skip)",
+    )
+    ev.add_argument(
+        "--temperatures",
+        default="0.8,0.9,1.0",
+        help="super-resolution runs: sampling temperatures (the paper's: 0.8,0.9,1.0)",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the super-resolution samples")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     _add_data_options(ev)
@@ -470,6 +598,23 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", default="completions.png")
     _add_data_options(co)
     co.set_defaults(func=cmd_complete)
+
+    up = sub.add_parser("upscale", help="super-resolution: sample high-resolution images")
+    up.add_argument("run_dir")
+    source = up.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--image",
+        help="a low-resolution image (an image of the output size is downsampled first)",
+    )
+    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
+    up.add_argument("--count", type=int, default=4, help="images taken from --from-split")
+    up.add_argument("--n", type=int, default=4, help="samples per input")
+    up.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--out", default="upscaled.png", help="PNG grid path")
+    up.add_argument("--npy", help="also save the uint8 samples [count*n, C, H, W] here")
+    _add_data_options(up)
+    up.set_defaults(func=cmd_upscale)
 
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=cmd_presets)

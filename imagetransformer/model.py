@@ -19,7 +19,7 @@ from torch import nn
 from .attention import Attention, KVCache
 from .config import ImageTransformerConfig
 from .errors import UserError
-from .layout import area_downsample, images_to_raster, raster_cells, raster_channel
+from .layout import area_downsample, images_to_raster, raster_channel, raster_to_yxc
 from .outputs import output_distribution
 from .pattern import AttentionPattern
 
@@ -105,9 +105,29 @@ class Block(nn.Module):
         )
 
 
+def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each low-resolution intensity sits on the decoder's position grid.
+
+    A low-resolution pixel covers an s x s block of the output; it gets the (fractional) row
+    and column of that block's centre in the decoder's own units (column C*x + c, or x for
+    per-pixel outputs). Query and key then carry timing signals of one coordinate system, so
+    "attend to the input pixel above me" is a matter of matching phases; with separate grids
+    a small model trained briefly did not learn the alignment at all (no gain over an
+    unconditional model).
+    """
+    s = config.scale
+    c = config.image_shape[0]
+    y, x, channel = raster_to_yxc(config.low_res_shape)
+    rows = y * s + (s - 1) / 2
+    centre_x = x * s + (s - 1) / 2
+    cols = centre_x if config.per_pixel else c * centre_x + channel
+    return rows, cols
+
+
 class Encoder(nn.Module):
     """The super-resolution encoder (SPEC.md 5): the low-resolution image embedded with its own
-    table (one position per channel intensity, as 1.1), timing signals, unmasked blocks."""
+    table (one position per channel intensity, as 1.1), timing signals placed on the output
+    grid (see `encoder_cells`), unmasked self-attention blocks."""
 
     def __init__(self, config: ImageTransformerConfig) -> None:
         super().__init__()
@@ -115,7 +135,7 @@ class Encoder(nn.Module):
         d = config.d_model
         self.d_model = d
         self.register_buffer("_channel", raster_channel(shape), persistent=False)
-        self.register_buffer("_timing", timing_signal(*raster_cells(shape), d), persistent=False)
+        self.register_buffer("_timing", timing_signal(*encoder_cells(config), d), persistent=False)
         self.embed = nn.Embedding(256 * shape[0], d)
         self.input_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.encoder_layers))

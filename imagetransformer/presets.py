@@ -11,6 +11,40 @@ from .errors import UserError
 _CIFAR = (3, 32, 32)
 _PAPER_1D = dict(image_shape=_CIFAR, attention="local_1d", ffn_size=2048, d_model=512)
 
+_MNIST_1D = dict(
+    image_shape=(1, 28, 28),
+    attention="local_1d",
+    num_layers=4,
+    d_model=64,
+    num_heads=4,
+    ffn_size=256,
+    dropout=0.0,
+    block_length=56,
+    memory_length=56,
+    norm_first=True,
+)
+_MNIST_TRAIN = dict(
+    batch_size=8,
+    learning_rate=0.08,
+    warmup_steps=300,
+    max_steps=2000,
+    lr_schedule="cosine",
+    eval_every=600,
+    checkpoint_every=300,
+)
+# SPEC.md 7: celeba_sr_2d / celeba_sr_1d; the decoder's attention is added per preset
+_PAPER_SR = dict(
+    image_shape=_CIFAR,
+    task="superres",
+    scale=4,
+    encoder_layers=4,
+    num_layers=8,
+    d_model=512,
+    ffn_size=2048,
+    num_heads=8,
+    dropout=0.1,
+)
+
 # name: (model config kwargs, train config kwargs, one-line description)
 PRESETS: dict[str, tuple[dict, dict, str]] = {
     "cifar10_1d": (
@@ -54,27 +88,8 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         "paper: ImageNet 64x64, local 1D, 8 layers (imagetransformer1d_base_8l_64by64)",
     ),
     "mnist_1d": (
-        dict(
-            image_shape=(1, 28, 28),
-            attention="local_1d",
-            num_layers=4,
-            d_model=64,
-            num_heads=4,
-            ffn_size=256,
-            dropout=0.0,
-            block_length=56,
-            memory_length=56,
-            norm_first=True,
-        ),
-        dict(
-            batch_size=8,
-            learning_rate=0.08,
-            warmup_steps=300,
-            max_steps=2000,
-            lr_schedule="cosine",
-            eval_every=600,
-            checkpoint_every=300,
-        ),
+        _MNIST_1D,
+        _MNIST_TRAIN,
         "CPU default: mnist5k, local 1D (2-row blocks + 2-row memory), 4 layers d=64, "
         "~10 min on 2 cores",
     ),
@@ -102,6 +117,62 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         ),
         "mnist5k, local 2D (4x14 query blocks, 4x7 flanges), 4 layers d=64",
     ),
+    "mnist_1d_cond": (
+        dict(_MNIST_1D, num_classes=10),
+        dict(_MNIST_TRAIN, max_steps=1000),
+        "CPU: mnist5k class-conditional (the default model plus a class embedding), 1000 steps",
+    ),
+    "mnist_1d_dmol": (
+        dict(_MNIST_1D, output="dmol", num_mixtures=10),
+        dict(_MNIST_TRAIN, max_steps=1500),
+        "CPU: mnist5k with the mixture-of-logistics output (one position per pixel)",
+    ),
+    "mnist_sr": (
+        dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2),
+        dict(_MNIST_TRAIN, max_steps=1500),
+        "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d)",
+    ),
+    "cifar10_1d_dmol": (
+        dict(
+            image_shape=_CIFAR,
+            attention="local_1d",
+            num_layers=12,
+            d_model=256,
+            ffn_size=512,
+            num_heads=8,
+            dropout=0.1,
+            block_length=256,
+            output="dmol",
+            num_mixtures=10,
+            pos="learned",
+        ),
+        dict(batch_size=8, learning_rate=0.1, warmup_steps=4000, max_steps=500_000),
+        "paper: CIFAR-10, mixture of logistics over 1,024 pixels "
+        "(imagetransformer_cifar10_base_dmol)",
+    ),
+    **{
+        f"{data}_sr_{kind}": (
+            dict(_PAPER_SR, **decoder),
+            dict(batch_size=2, learning_rate=0.2, warmup_steps=12000, max_steps=500_000),
+            f"{'paper' if data == 'celeba' else 'paper recipe'}: {name} super-resolution "
+            f"8x8 -> 32x32, encoder global 4 / decoder {label} 8 layers ({reference})",
+        )
+        for data, name in (("celeba", "CelebA"), ("cifar10", "CIFAR-10"))
+        for kind, decoder, label, reference in (
+            (
+                "2d",
+                dict(attention="local_2d", query_shape=(8, 16), memory_flange=(8, 32)),
+                "local 2D",
+                "img2img_transformer2d_q3",
+            ),
+            (
+                "1d",
+                dict(attention="local_1d", block_length=128),
+                "local 1D",
+                "img2img_transformer_b3",
+            ),
+        )
+    },
     "tiny": (
         dict(
             image_shape=(1, 8, 8),
@@ -128,6 +199,14 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
 
 DEFAULT_PRESET = "mnist_1d"
 
+# the data set a preset trains on unless --data says otherwise
+_DATA = {name: name for name in ("celeba", "cifar10", "imagenet32", "imagenet64")}
+
+
+def preset_data(name: str) -> str:
+    """The default data set of preset `name`: its prefix when that is a data set, else mnist5k."""
+    return _DATA.get(name.split("_")[0], "mnist5k")
+
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
@@ -153,4 +232,4 @@ def describe_presets() -> list[tuple[str, str]]:
     return [(name, PRESETS[name][2]) for name in preset_names()]
 
 
-__all__ = ["PRESETS", "DEFAULT_PRESET", "load_preset", "load_train_preset"]
+__all__ = ["PRESETS", "DEFAULT_PRESET", "load_preset", "load_train_preset", "preset_data"]

@@ -451,10 +451,21 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
         labels = None
         n = self.cfg.sample_count
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        if self.config.task == "superres":  # input | sample | truth for the first test images
+            from .layout import area_downsample
+            from .superres import superres_rows
+
+            source = self.test_set if self.test_set is not None else self.train_set
+            truth, _ = source.batch(torch.arange(min(n, len(source))))
+            low_res = area_downsample(truth, self.config.scale)
+            samples = self.model.upscale(low_res.to(self.device), generator=generator).cpu()
+            images, per_row = superres_rows(low_res, samples, self.config.scale, truth)
+            save_grid(images, path, nrow=per_row * 2)
+            return path
         if self.config.num_classes:
             labels = torch.arange(n, device=self.device) % self.config.num_classes
         images = self.model.sample(n, labels=labels, generator=generator)
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         save_grid(images.cpu(), path)
         return path
 

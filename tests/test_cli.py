@@ -431,3 +431,43 @@ def test_eval_classify_on_a_conditional_run(tmp_path, capsys) -> None:
     assert 0.0 <= c["accuracy"] <= 1.0
     assert main(["eval", str(tmp_path / "cond"), "--classify", "--limit", "8"]) == 0
     assert "generative classifier: accuracy" in capsys.readouterr().out
+
+
+def test_superres_train_eval_upscale(trained: Path, tmp_path, capsys) -> None:
+    run = tmp_path / "sr"
+    code, stdout, stderr = _train(
+        run,
+        "--set",
+        "max_steps=3",
+        "--task",
+        "superres",
+        "--scale",
+        "2",
+        "--set",
+        "encoder_layers=1",
+    )
+    assert code == 0, stderr
+    assert json.loads((run / "config.json").read_text())["task"] == "superres"
+    argv = ["eval", str(run), "--json", "--limit", "8", "--sr-images", "3", "--image-size", "8"]
+    assert main([*argv, "--temperatures", "0.8,1.0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["superres"]["images"] == 3
+    for t in ("0.8", "1.0"):
+        scores = result["superres"]["by_temperature"][t]
+        assert 0 < scores["psnr_db"] <= 100 and -1 <= scores["ssim"] <= 1
+        assert 0 <= scores["consistency"] <= 255
+    out = tmp_path / "up.png"
+    argv = ["upscale", str(run), "--from-split", "test", "--count", "2", "--n", "3"]
+    assert (
+        main([*argv, "--image-size", "8", "--out", str(out), "--npy", str(tmp_path / "s.npy")]) == 0
+    )
+    assert "samples, truth" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npy").shape == (6, 1, 8, 8)
+    with Image.open(out) as grid:  # rows: input, 3 samples, truth
+        assert grid.width > grid.height * 2
+    low = tmp_path / "low.png"
+    Image.fromarray(np.full((4, 4), 90, dtype=np.uint8)).save(low)
+    assert main(["upscale", str(run), "--image", str(low), "--n", "2", "--out", str(out)]) == 0
+    assert "truth" not in capsys.readouterr().out
+    code = main(["upscale", str(trained), "--image", str(low)])
+    _assert_user_error(code, capsys, "not a super-resolution run", "--task superres")
