@@ -56,7 +56,10 @@ RESUMABLE_OVERRIDES = (
     "compile",
     "batch_size",
     "grad_accum",
+    "backend",  # a model setting, but every backend computes the same function
 )
+# model settings that do not change the function, so a checkpoint may be resumed with others
+_FUNCTION_NEUTRAL = ("backend",)
 
 
 def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
@@ -277,8 +280,12 @@ class Trainer:
         state = load_checkpoint(path)
         if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
             raise UserError(f"{path} is not a checkpoint of this tool's format {CHECKPOINT_FORMAT}")
-        saved = state.get("model_config")
-        if saved != self.config.to_dict():
+        saved = dict(state.get("model_config") or {})
+        current = self.config.to_dict()
+        for key in _FUNCTION_NEUTRAL:
+            saved.pop(key, None)
+            current.pop(key, None)
+        if saved != current:
             raise UserError(
                 f"{path} was written for a different model config than {self.run_dir / CONFIG_FILE}"
                 "; resume without model --set overrides, or start a new run with --out"

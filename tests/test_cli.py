@@ -249,6 +249,13 @@ def test_resume_refuses_model_changes(trained, tmp_path, monkeypatch, capsys) ->
     assert _checkpoint(trained)["step"] == 6
 
 
+def test_resume_may_switch_the_attention_backend(trained, tmp_path, monkeypatch, capsys) -> None:
+    run = _copy(trained, tmp_path)
+    argv = ["train", "--resume", "--out", str(run), "--quiet", "--set", "max_steps=7"]
+    assert main([*argv, "--attention-backend", "dense"]) == 0  # same function, other kernel
+    assert _checkpoint(run)["step"] == 7
+
+
 def test_resume_refuses_a_corrupt_checkpoint(trained, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     run = _copy(trained, tmp_path)
