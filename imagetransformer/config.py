@@ -138,14 +138,20 @@ class ImageTransformerConfig:
                 c, h, w = self.image_shape
                 raise UserError(
                     f"local_2d query_shape {list(self.query_shape)} does not tile the position "
-                    f"grid of a {c}x{h}x{w} image ({rows} rows x {cols} columns = width x "
-                    f"channels): pick a query_shape whose rows divide {rows} and whose columns "
+                    f"grid of a {c}x{h}x{w} image ({rows} rows x {cols} columns = "
+                    f"{'width: one position per pixel' if self.per_pixel else 'width x channels'}"
+                    f"): pick a query_shape whose rows divide {rows} and whose columns "
                     f"divide {cols}, e.g. --set query_shape={_divisor_near(rows, qh)},"
                     f"{_divisor_near(cols, qw)}"
                 )
 
     def _validate_superres(self) -> None:
         _, h, w = self.image_shape
+        if self.d_model % 4:
+            raise UserError(
+                f"the super-resolution encoder's timing signal needs d_model divisible by 4, "
+                f"got {self.d_model}"
+            )
         if self.scale < 2 or h % self.scale or w % self.scale:
             raise UserError(
                 f"superres scale must be at least 2 and divide the image sides ({h}x{w}), got "

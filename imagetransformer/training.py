@@ -237,6 +237,10 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress and context.is_main
         _check_data_fits(model_config, train_set)
+        if model_config.per_pixel and self.cfg.label_smoothing:
+            raise UserError(
+                "label_smoothing applies to the categorical output only; drop it for dmol"
+            )
         if test_set is not None:
             _check_data_fits(model_config, test_set)
         torch.manual_seed(self.cfg.seed)

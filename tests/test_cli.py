@@ -217,8 +217,14 @@ def _assert_user_error(code: int, capsys, *needles: str) -> str:
         (["--preset", "mnist_1d", "--image-size", "8"], ["1x8x8", "1x28x28"]),
         (["--preset", "tiny", "--set", "no_such_key=1"], ["no_such_key"]),
         (["--preset", "tiny", "--set", "num_layers=two"], ["num_layers"]),
+        (
+            ["--preset", "tiny", "--image-size", "8", "--set", "output=dmol"]
+            + ["--set", "label_smoothing=0.1"],
+            ["label_smoothing", "dmol"],
+        ),
+        (["--preset", "tiny", "--task", "superres", "--scale", "3"], ["scale", "8x8"]),
     ],
-    ids=["preset", "data", "query_shape", "data_shape", "set_key", "set_value"],
+    ids=["preset", "data", "query_shape", "data_shape", "set_key", "set_value", "dmol", "sr"],
 )
 def test_train_errors(argv, needles, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)

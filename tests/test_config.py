@@ -15,6 +15,7 @@ from imagetransformer.presets import (
     PRESETS,
     load_preset,
     load_train_preset,
+    preset_data,
     preset_names,
 )
 
@@ -319,3 +320,62 @@ def test_unknown_preset_lists_the_names() -> None:
         assert name in str(err.value)
     with pytest.raises(UserError):
         load_train_preset("cifar100_1d")
+
+
+# ---------------------------------------------------------------- the issue-5 presets and settings
+
+
+@pytest.mark.parametrize(
+    "name, attention, blocks",
+    [
+        ("celeba_sr_2d", "local_2d", ((8, 16), (8, 32))),
+        ("celeba_sr_1d", "local_1d", 128),
+        ("cifar10_sr_2d", "local_2d", ((8, 16), (8, 32))),
+        ("cifar10_sr_1d", "local_1d", 128),
+    ],
+)
+def test_superres_presets_match_spec_table(name, attention, blocks) -> None:
+    config, train = load_preset(name), load_train_preset(name)
+    assert (config.task, config.scale, config.encoder_layers) == ("superres", 4, 4)
+    assert config.image_shape == (3, 32, 32) and config.low_res_shape == (3, 8, 8)
+    assert config.attention == attention
+    shape = (config.num_layers, config.d_model, config.ffn_size, config.num_heads)
+    assert shape == (8, 512, 2048, 8) and config.dropout == pytest.approx(0.1)
+    if attention == "local_2d":
+        assert (config.query_shape, config.memory_flange) == blocks
+    else:
+        assert config.block_length == blocks
+    assert (train.batch_size, train.learning_rate, train.warmup_steps) == (2, 0.2, 12000)
+    assert preset_data(name) == name.split("_")[0]
+
+
+def test_dmol_preset_matches_spec_table() -> None:
+    config, train = load_preset("cifar10_1d_dmol"), load_train_preset("cifar10_1d_dmol")
+    assert (config.output, config.num_mixtures, config.pos) == ("dmol", 10, "learned")
+    assert config.num_positions == 1024 and config.grid_shape == (32, 32)
+    shape = (config.num_layers, config.d_model, config.ffn_size, config.num_heads)
+    assert shape == (12, 256, 512, 8) and config.dropout == pytest.approx(0.1)
+    assert (config.attention, config.block_length) == ("local_1d", 256)
+    assert (train.batch_size, train.learning_rate, train.warmup_steps) == (8, 0.1, 4000)
+
+
+def test_preset_data_defaults() -> None:
+    assert preset_data("mnist_1d") == preset_data("tiny") == "mnist5k"
+    assert preset_data("cifar10_1d") == "cifar10" and preset_data("imagenet64_1d") == "imagenet64"
+
+
+def test_dmol_and_superres_checks_name_the_fix() -> None:
+    with pytest.raises(UserError, match="width: one position per pixel"):
+        ImageTransformerConfig(
+            image_shape=(3, 8, 8), output="dmol", attention="local_2d", query_shape=(3, 3)
+        )
+    with pytest.raises(UserError, match="scale=4"):
+        ImageTransformerConfig(image_shape=(1, 28, 28), task="superres", scale=5)
+    with pytest.raises(UserError, match="not on classes"):
+        ImageTransformerConfig(task="superres", num_classes=10)
+    with pytest.raises(UserError, match="encoder_layers"):
+        ImageTransformerConfig(task="superres", encoder_layers=0)
+    with pytest.raises(UserError, match="num_mixtures"):
+        ImageTransformerConfig(output="dmol", num_mixtures=0)
+    with pytest.raises(UserError, match="task"):
+        ImageTransformerConfig(task="denoise")
