@@ -473,11 +473,16 @@ class ImageTransformer(nn.Module):
         """Keep the first `keep_positions` generation steps of `images`, sample the rest.
 
         The kept intensities come back bit for bit; see `keep_positions` for a fraction.
-        `options` are those of `sample` (labels, generator, progress, top_k, top_p).
+        `options` are those of `sample` (labels, generator, progress, top_k, top_p, low_res); a
+        super-resolution model is given the images' own downsampled copies unless `low_res` is.
         """
         n_pos = self.config.num_positions
         if not 0 <= keep_positions <= n_pos:
             raise UserError(f"keep_positions must be in 0..{n_pos}, got {keep_positions}")
+        if self.encoder is not None and options.get("low_res") is None:
+            options["low_res"] = area_downsample(
+                self.check_images(images).to(torch.uint8), self.config.scale
+            )
         return self.sample(
             images.shape[0], temperature, prefix=images, keep=keep_positions, **options
         )

@@ -143,3 +143,15 @@ def test_a_small_superres_model_beats_the_unconditional_one():
         plain_bpd = plain.bits_per_dim(test).mean().item()
         superres_bpd = superres.bits_per_dim(test).mean().item()  # given the 4x4 input
     assert superres_bpd < plain_bpd - 0.06, (plain_bpd, superres_bpd)
+
+
+def test_completion_of_a_superres_model_uses_the_images_own_input():
+    model = ImageTransformer(sr_config())
+    images, low_res = images_and_low_res(model.config, batch=2)
+    keep = model.keep_positions(0.5)
+    out = model.complete(images, keep, generator=torch.Generator().manual_seed(0))
+    same = model.sample(
+        2, prefix=images, keep=keep, low_res=low_res, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(out, same)
+    assert torch.equal(out[:, :, :2], images[:, :, :2])
