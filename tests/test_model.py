@@ -139,9 +139,13 @@ def test_initialisation_follows_variance_scaling():
     assert torch.equal(model.blocks[0].ffn[0].bias, torch.zeros(64))
 
 
-def test_class_embedding_changes_logits():
+def test_class_embedding_starts_at_zero_then_changes_logits():
     model = ImageTransformer(tiny_config(num_classes=3)).eval()
     images = random_images(model.config)
+    # at init the label changes nothing: the model starts as an unconditional one
+    assert torch.equal(model.class_embed.weight, torch.zeros(3, 16))
+    assert torch.equal(model(images, torch.tensor([0, 0])), model(images, torch.tensor([2, 2])))
+    torch.nn.init.normal_(model.class_embed.weight)  # as after training
     a = model(images, torch.tensor([0, 0]))
     b = model(images, torch.tensor([1, 1]))
     assert not torch.allclose(a, b)

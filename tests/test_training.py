@@ -172,6 +172,6 @@ def test_conditional_model_classifies_and_is_no_worse(tmp_path, digits8):
         model = trainer.model
     prior = torch.log(torch.bincount(train.labels, minlength=10).double() / len(train))
     accuracy = (model.classify(held_out.images, prior).argmax(1) == held_out.labels).double()
-    # measured: accuracy 0.445 (chance 0.1); bits/dim 3.058 conditional vs 3.064 unconditional
-    assert accuracy.mean() > 0.3
-    assert results[10] <= results[0] + 0.02
+    # measured: accuracy 0.51 (chance 0.1); bits/dim 3.037 conditional vs 3.064 unconditional
+    assert accuracy.mean() > 0.35
+    assert results[10] <= results[0]
