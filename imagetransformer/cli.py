@@ -133,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         procs = f", {context.world_size} processes" if context.active else ""
         say(
             f"training {info.preset or 'model'} ({n_params / 1e6:.2f}M parameters, "
-            f"{config.attention}, {'x'.join(map(str, config.image_shape))}) on {info.data}: "
+            f"{config.attention}, {'x'.join(map(str, config.image_shape))}"
+            f"{f', super-resolution x{config.scale}' if config.task == 'superres' else ''}"
+            f"{', mixture of logistics' if config.per_pixel else ''}) on {info.data}: "
             f"{len(train_set)} train / {len(test_set)} test images, device {device}{procs}, "
             f"run folder {out}"
         )

@@ -17,8 +17,10 @@ from .outputs import Categorical
 draw = Categorical.draw  # one intensity per row of categorical logits [B, 256]
 
 
-def _prepare(model, n: int, labels, prefix: torch.Tensor | None, keep: int, low_res):
+def _prepare(model, n: int, labels, prefix: torch.Tensor | None, keep: int, low_res, filtering):
     device = model.head.weight.device
+    if model.config.per_pixel and filtering:
+        raise UserError("top-k / nucleus filtering applies to the categorical output only")
     labels = model.check_labels(labels, n)
     low_res = model.check_low_res(low_res, None, n)
     dist = model.distribution
@@ -62,7 +64,9 @@ def sample(
     """
     was_training = model.training
     model.eval()
-    labels, low_res, values = _prepare(model, n, labels, prefix, keep, low_res)
+    labels, low_res, values = _prepare(
+        model, n, labels, prefix, keep, low_res, top_k > 0 or top_p < 1.0
+    )
     n_pos = values.shape[1]
     like = model.head.weight
     caches = [block.attn.new_cache(n, model.pattern, like) for block in model.blocks]
@@ -109,7 +113,9 @@ def sample_reference(
     """The re-running sampler: the full network on the partial image at every step (slow)."""
     was_training = model.training
     model.eval()
-    labels, low_res, values = _prepare(model, n, labels, prefix, keep, low_res)
+    labels, low_res, values = _prepare(
+        model, n, labels, prefix, keep, low_res, top_k > 0 or top_p < 1.0
+    )
     n_pos = values.shape[1]
     like = model.head.weight
     all_logits = like.new_zeros(n, n_pos, like.shape[0]) if return_logits else None
