@@ -42,9 +42,11 @@ def _on_device(pattern: AttentionPattern, form: str, device: torch.device):
     if key not in cache:
         if form == "dense":
             value = pattern.dense_mask().to(device)
-        elif form == "cache_slots":
-            key_index, mask = pattern.blocked_layout
-            value = ((key_index % pattern.cache_span).to(device), mask.to(device))
+        elif form.startswith("step_slots"):  # additive, in the queries' dtype (see `step`)
+            allowed = pattern.step_slot_mask.to(device)
+            dtype = getattr(torch, form.split(":")[1])
+            value = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            value.masked_fill_(~allowed, float("-inf"))
         elif form == "flex":
             n = pattern.num_positions
             value = create_block_mask(pattern.mask_mod(device), None, None, n, n, device=device)
@@ -189,11 +191,21 @@ class KVCache:
     per-step cost follow the attention's reach (block + memory), not the image size.
     """
 
-    def __init__(self, batch: int, heads: int, span: int, head_dim: int, like: torch.Tensor):
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        span: int,
+        head_dim: int,
+        like: torch.Tensor,
+        qkv_weight: torch.Tensor | None = None,
+    ):
         shape = (batch, heads, span, head_dim)
         self.span = span
         self.keys = like.new_zeros(shape)
         self.values = like.new_zeros(shape)
+        # the query, key and value projections stacked: one matmul per step, not three
+        self.qkv_weight = qkv_weight
 
 
 class Attention(nn.Module):
@@ -248,19 +260,23 @@ class Attention(nn.Module):
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
     def new_cache(self, batch: int, pattern: AttentionPattern, like: torch.Tensor) -> KVCache:
-        return KVCache(batch, self.num_heads, pattern.cache_span, self.head_dim, like)
+        """A cache for one sampling run (the weights must not change during it)."""
+        stacked = torch.cat([self.query.weight, self.key.weight, self.value.weight]).detach()
+        return KVCache(batch, self.num_heads, pattern.cache_span, self.head_dim, like, stacked)
 
     def step(
         self, x: torch.Tensor, step: int, pattern: AttentionPattern, cache: KVCache
     ) -> torch.Tensor:
         """One generation step: x [B, 1, d] at `step`; reads only the keys the rule admits."""
-        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
+        batch, heads = x.shape[0], self.num_heads
+        # [B, 1, 3d] -> three [B, h, 1, dh]: plain views (einops costs more than the math here)
+        q, k, v = F.linear(x, cache.qkv_weight).view(batch, 3, heads, 1, -1).unbind(1)
         slot = step % cache.span
         cache.keys[:, :, slot] = k[:, :, 0]
         cache.values[:, :, slot] = v[:, :, 0]
-        slots, masks = _on_device(pattern, "cache_slots", x.device)
-        block, offset = divmod(step, pattern.query_block)
-        keys, values = cache.keys[:, :, slots[block]], cache.values[:, :, slots[block]]
-        mask = masks[block, offset][None, :]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+        # a float mask made once: the boolean one was converted on every call
+        masks = _on_device(pattern, f"step_slots:{str(q.dtype).split('.')[1]}", x.device)
+        out = F.scaled_dot_product_attention(
+            q, cache.keys.to(q.dtype), cache.values.to(q.dtype), attn_mask=masks[step][None, :]
+        )
+        return self.out(out.transpose(1, 2).reshape(batch, 1, -1))

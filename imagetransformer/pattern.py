@@ -225,6 +225,24 @@ class AttentionPattern:
         last_query = (torch.arange(key_index.shape[0]) * q_block + q_block - 1).clamp(max=n - 1)
         return int((last_query - lowest).max()) + 1
 
+    @functools.cached_property
+    def step_slot_mask(self) -> torch.Tensor:
+        """[N, cache_span] bool: which ring-buffer slots (slot = step % span) step i may read.
+
+        The sampler attends over the whole ring buffer under this mask instead of gathering the
+        allowed keys: attention does not care about key order, and a gather per layer and step
+        cost more than the attention itself.
+        """
+        key_index, key_mask = self.blocked_layout
+        span, q_block, n = self.cache_span, self.query_block, self.num_positions
+        steps = torch.arange(n)
+        block, offset = steps // q_block, steps % q_block
+        slots = (key_index % span)[block]  # [N, K]
+        allowed = key_mask[block, offset]  # [N, K]
+        counts = torch.zeros(n, span, dtype=torch.int32)
+        counts.scatter_add_(1, slots, allowed.to(torch.int32))  # padded keys may share a slot
+        return counts > 0
+
     def max_keys(self) -> int:
         """Largest number of keys any single query may see (tests, docs)."""
         _, key_mask = self.blocked_layout

@@ -126,3 +126,16 @@ def test_cache_span_is_the_attention_reach():
         steps = torch.arange(pattern.num_positions)
         age = (steps[:, None] - steps[None, :]).masked_fill(~pattern.dense_mask(), -1)
         assert age.max() < pattern.cache_span
+
+
+def test_step_slot_mask_is_the_dense_mask_on_the_ring_buffer():
+    """Step i reads slot s exactly when the key of the latest step with slot s is allowed."""
+    for kind, rows, cols, params in CASES:
+        pattern = AttentionPattern(kind, rows, cols, **params)
+        n, span = pattern.num_positions, pattern.cache_span
+        dense = pattern.dense_mask()
+        expected = torch.zeros(n, span, dtype=torch.bool)
+        for i in range(n):
+            for j in range(max(0, i - span + 1), i + 1):  # what the ring holds at step i
+                expected[i, j % span] = dense[i, j]
+        assert torch.equal(pattern.step_slot_mask, expected), kind
