@@ -61,3 +61,14 @@ def test_unknown_precision_is_refused():
         autocast(torch.device("cpu"), "fp8")
     with pytest.raises(UserError, match="precision"):
         TrainConfig(precision="fp8")
+
+
+def test_cached_sampling_runs_under_bf16_autocast():
+    from imagetransformer import ImageTransformer
+
+    from .helpers import tiny_config
+
+    model = ImageTransformer(tiny_config("local_2d"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 4, 6) and images.dtype == torch.uint8
