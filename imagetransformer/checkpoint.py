@@ -1,17 +1,28 @@
 """Atomic saving and checked loading of weights, configs and training state.
 
 Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed
-over the target, so a crash leaves either the old file or the new one, never half of one.
+over the target, so a crash leaves either the old file or the new one, never half of one. New
+files get the permissions a plain `open()` would give them (0o666 minus the umask), so a shared
+run folder stays readable by colleagues. A failed write (full disk, read-only folder) raises a
+`UserError` that says the previous version of the file is intact, and leaves no temporary file.
+
+Training checkpoints keep one older copy, `checkpoint.prev.pt`, beside `checkpoint.pt`:
+`load_checkpoint` falls back to it when `checkpoint.pt` is missing or corrupt.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,40 +35,130 @@ from .errors import UserError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+
+_PROC_STATUS = "/proc/self/status"  # Linux >= 4.7 reports the umask here, readable without races
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+# Atomic writes ---------------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process umask, read afresh on every call (another thread or library may change it).
+
+    Linux reports it in /proc/self/status, which changes nothing. Elsewhere the only way is
+    `os.umask(0)` followed by a restore; a file that another thread creates in between those two
+    calls gets wider permissions than it should, so the window is kept to two system calls.
+    """
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Create a temporary file beside `path`, fill it with `write`, fsync it, return its path.
+
+    The file gets mode 0o666 & ~umask, as `open()` would give it (mkstemp makes it 0o600). On any
+    error the temporary file is removed before the error propagates.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            mode = 0o666 & ~current_umask()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            else:  # pragma: no cover - Windows before Python 3.13
+                os.chmod(tmp, mode)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path`; remove `tmp` if that fails."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable (best effort: not every OS or filesystem can)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _write_error(path: Path, err: OSError, intact: str) -> UserError:
+    """One line: what failed and why, what is still safe on disk, and what to do."""
+    reason = err.strerror or str(err)
+    if err.errno in _NO_SPACE:
+        fix = f"free space on the disk of {path.parent}"
+    elif err.errno in _NOT_WRITABLE:
+        fix = f"make {path.parent} writable"
+    else:
+        fix = "fix that"
+    return UserError(
+        f"could not write {path} ({reason}); {intact}; {fix}, then run the command again "
+        "(`imagetransformer train --resume` continues a training run)"
+    )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file and an atomic rename."""
+    """Write `data` to `path` via a fsynced temporary file and an atomic rename.
+
+    Raises `UserError` (naming the path and the reason) when the write or the rename fails, e.g.
+    on a full disk; the previous version of the file, if any, is then untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+        _replace(_write_temp(path, lambda f: f.write(data)), path)
+    except OSError as err:
+        raise _write_error(
+            path, err, "the previous version of that file, if any, is intact"
+        ) from err
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_pretrained(model, directory: str | Path) -> None:
+# Pretrained weights ----------------------------------------------------------------------------
+def save_pretrained(
+    model: Any, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write `config.json` (from `model.config`) and `model.safetensors` into `directory`.
+
+    `model` is anything with `.config` and `.state_dict()`; `state_dict`, when given, is saved
+    instead of `model.state_dict()` (e.g. averaged EMA weights of the same model).
+    """
     directory = Path(directory)
+    if state_dict is None:
+        state_dict = model.state_dict()
     atomic_write_text(directory / CONFIG_FILE, model.config.to_json() + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_save(state))
 
 
@@ -74,23 +175,30 @@ def read_config(directory: str | Path) -> ImageTransformerConfig:
         raise UserError(f"{path} is not a valid model config ({err})") from None
 
 
-def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu"):
-    from .model import ImageTransformer
+def read_pretrained(
+    directory: str | Path,
+) -> tuple[ImageTransformerConfig, dict[str, torch.Tensor]]:
+    """Read `config.json` and `model.safetensors` from `directory` (CPU tensors).
 
+    Build the model with `ImageTransformer(config)` and check the weights into it with
+    `load_state_checked(model, state, WEIGHTS_FILE path)`.
+    """
     config = read_config(directory)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: the run has not saved weights yet")
     try:
-        state = safetensors_load(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+    try:
+        state = safetensors_load(data)
     except (SafetensorError, Exception) as err:
         raise UserError(
             f"{path} is corrupt or not a safetensors file ({err}); retrain or "
             "restore it from a backup"
         ) from None
-    model = ImageTransformer(config)
-    load_state_checked(model, state, path)
-    return model.to(map_location)
+    return config, state
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
@@ -119,22 +227,141 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     model.load_state_dict(state)
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write a training checkpoint (tensors, numbers, strings, dicts, lists only)."""
+# Training checkpoints --------------------------------------------------------------------------
+class _ChecksumError(Exception):
+    """A member of a checkpoint archive does not match its stored CRC-32 (torch.load won't say)."""
+
+
+def previous_checkpoint_path(path: str | Path) -> Path:
+    """Where the older copy of the checkpoint `path` lives: checkpoint.pt -> checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _check_archive(path: Path) -> None:
+    """Raise if `path`, a torch zip archive, is truncated or has a member with a bad CRC-32."""
+    if not zipfile.is_zipfile(path):
+        raise zipfile.BadZipFile("not a zip archive")
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise _ChecksumError(f"checksum mismatch in {bad}")
+
+
+def _is_sound(path: Path) -> bool:
+    try:
+        _check_archive(path)
+    except Exception:
+        return False
+    return True
+
+
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    """Atomically make `previous` a copy of `path`, leaving `path` in place throughout.
+
+    A hard link costs no space or time; where the filesystem has none, the bytes are copied into a
+    fsynced temporary file that is then renamed over `previous`.
+    """
+    link = previous.with_name(f".{previous.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        os.link(path, link)
+    except OSError:
+        with open(path, "rb") as src:
+            tmp = _write_temp(previous, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        _replace(tmp, previous)
+    else:
+        _replace(link, previous)
+
+
+def save_checkpoint(
+    path: str | Path, state: dict[str, Any], previous_step: int | None = None
+) -> None:
+    """Atomically write a training checkpoint (tensors, numbers, strings, dicts, lists only).
+
+    The checkpoint already at `path` is kept as `checkpoint.prev.pt` beside it. Order: the new
+    checkpoint is written and fsynced to a temporary file; the current one is hard-linked (or
+    copied) to the previous-copy name, atomically; the temporary file is renamed over `path`. So a
+    good checkpoint exists under one of the two names at every instant, and `path` never
+    disappears. A current file that is already corrupt is not rotated, so it cannot replace a
+    good previous copy.
+
+    `previous_step` is the step of the checkpoint already on disk (None: unknown or none). On a
+    failed write (e.g. a full disk) a `UserError` says that this checkpoint is intact, and no
+    temporary file is left behind.
+    """
+    path = Path(path)
+    previous = previous_checkpoint_path(path)
+    if previous_step is None:
+        intact = "the previous checkpoint, if any, is intact"
+    else:
+        intact = f"the checkpoint of step {previous_step} is intact"
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getbuffer()
+    try:
+        tmp = _write_temp(path, lambda f: f.write(data))
+    except OSError as err:
+        raise _write_error(path, err, intact) from err
+    try:
+        if _is_sound(path):
+            _keep_as_previous(path, previous)
+            _fsync_dir(path.parent)  # the older copy is durable before the current one changes
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(previous, err, intact) from err
+        raise
+    try:
+        _replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, err, intact) from err
+    _fsync_dir(path.parent)
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """torch.load with `weights_only=True` (no code runs from the file), after a CRC check."""
+    if zipfile.is_zipfile(path):  # torch.load does not verify the archive's checksums
+        _check_archive(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _why(err: Exception) -> str:
+    return str(err) if isinstance(err, _ChecksumError) else type(err).__name__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint with `weights_only=True`: no code runs from the file."""
+    """Read a training checkpoint with `weights_only=True`: no code runs from the file.
+
+    When `path` is missing or corrupt and its older copy (`checkpoint.prev.pt`) loads, that copy
+    is returned, with a warning that names both files and its step.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: nothing to resume; start without --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
+    previous = previous_checkpoint_path(path)
+    error: Exception | None = None
+    if path.is_file():
+        try:
+            return _read_checkpoint(path)
+        except Exception as err:  # torch raises several types for truncated or foreign files
+            error = err
+    problem = "missing" if error is None else f"corrupt ({_why(error)})"
+    if not previous.is_file():
+        if error is None:
+            raise UserError(f"no checkpoint at {path}: nothing to resume; start without --resume")
         raise UserError(
-            f"checkpoint {path} is corrupt or not a checkpoint of this tool "
-            f"({type(err).__name__}); delete it to start over, or restore a good copy"
+            f"checkpoint {path} is corrupt or not a checkpoint of this tool ({_why(error)}); "
+            "delete it to start over, or restore a good copy"
+        )
+    try:
+        state = _read_checkpoint(previous)
+    except Exception as err:
+        raise UserError(
+            f"checkpoint {path} is {problem} and its older copy {previous} is corrupt or not a "
+            f"checkpoint of this tool ({_why(err)}); delete both to start over, or restore a "
+            "good copy"
         ) from None
+    step = state.get("step", "unknown") if isinstance(state, dict) else "unknown"
+    warnings.warn(
+        f"checkpoint {path} is {problem}; loading the older copy {previous} (step {step}) instead",
+        stacklevel=2,
+    )
+    return state
