@@ -171,12 +171,12 @@ BACKENDS = {"dense": dense_attention, "blocked": blocked_attention, "flex": flex
 
 
 def resolve_backend(name: str, pattern: AttentionPattern, device: torch.device | str) -> str:
-    """`auto`: `dense` for global attention (nothing to skip); for local attention `flex` on
+    """`auto`: `dense` for a rule that skips no keys (global attention); otherwise `flex` on
     CUDA when flex_attention is available (a fused kernel that skips masked blocks), `blocked`
     elsewhere."""
     if name != "auto":
         return name
-    if pattern.kind == "global":
+    if not pattern.skips_keys:
         return "dense"
     device = torch.device(device)
     if device.type == "cuda" and _flex_unavailable(device) is None:
@@ -229,14 +229,13 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         pattern: AttentionPattern | None,
-        backend: str | None = None,
         memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, N, d] in generation order.
 
-        With a `pattern`, masked self-attention by its rule. Without one, unmasked: every query
-        sees every key, as in the super-resolution encoder and encoder-decoder attention
-        (SPEC.md 2.4); `memory` [B, M, d] then supplies the keys and values instead of x.
+        With a `pattern`, masked self-attention by its rule, computed by `self.backend`. Without
+        one, unmasked: every query sees every key, as in the super-resolution encoder and
+        encoder-decoder attention; `memory` [B, M, d] then supplies the keys and values.
         """
         source = x if memory is None else memory
         q = self._heads(self.query(x))
@@ -244,7 +243,7 @@ class Attention(nn.Module):
         if pattern is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            name = resolve_backend(backend or self.backend, pattern, x.device)
+            name = resolve_backend(self.backend, pattern, x.device)
             out = BACKENDS[name](q, k, v, pattern)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 

@@ -1,23 +1,27 @@
 """Model and training configs: dataclasses with JSON round-trip and checks that name the fix.
 
 Two dataclasses, because a saved model needs only the first: `ImageTransformerConfig` (what
-`from_pretrained` rebuilds) and `TrainConfig` (how a run trains it).
+`from_pretrained` rebuilds) and `TrainConfig` (how a run trains it). The choices of attention
+type, output type, backend and precision come from the modules that implement them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .attention import BACKENDS
 from .errors import UserError
+from .outputs import OUTPUT_TYPES
+from .pattern import PATTERNS
+from .precision import PRECISIONS
 
-ATTENTION_TYPES = ("global", "local_1d", "local_2d")
-BACKENDS = ("auto", "dense", "blocked", "flex")
+ATTENTION_TYPES = tuple(PATTERNS)
+BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: the fastest that runs here (attention.py)
 POSITION_SIGNALS = ("timing", "learned")
-OUTPUTS = ("cat", "dmol")
+OUTPUTS = tuple(OUTPUT_TYPES)
 TASKS = ("generate", "superres")
 
 
@@ -33,7 +37,7 @@ def _as_pair(value: Any, name: str) -> tuple[int, int]:
 
 @dataclass
 class ImageTransformerConfig:
-    """Everything that decides the model's function (SPEC.md sections 1-4)."""
+    """Everything that decides the model's function (docs/model.md)."""
 
     image_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W
     num_layers: int = 4
@@ -63,16 +67,11 @@ class ImageTransformerConfig:
         self.validate()
 
     @property
-    def per_pixel(self) -> bool:
-        """One position per pixel (dmol) rather than one per channel intensity (cat)."""
-        return self.output == "dmol"
-
-    @property
     def grid_shape(self) -> tuple[int, int]:
-        """Rows and columns of the position grid: one column per channel of each pixel
-        (cat), or per pixel (dmol)."""
+        """Rows and columns of the position grid: H rows of W x (positions per pixel): one
+        column per channel of each pixel (cat), or per pixel (dmol)."""
         c, h, w = self.image_shape
-        return (h, w) if self.per_pixel else (h, w * c)
+        return h, w * OUTPUT_TYPES[self.output].positions_per_pixel(c)
 
     @property
     def low_res_shape(self) -> tuple[int, int, int]:
@@ -98,7 +97,7 @@ class ImageTransformerConfig:
         if min(self.image_shape) < 1:
             raise UserError(f"image_shape must be positive, got {list(self.image_shape)}")
         _choice("attention", self.attention, ATTENTION_TYPES)
-        _choice("backend", self.backend, BACKENDS)
+        _choice("backend", self.backend, BACKEND_CHOICES)
         _choice("pos", self.pos, POSITION_SIGNALS)
         _choice("output", self.output, OUTPUTS)
         _choice("task", self.task, TASKS)
@@ -125,25 +124,7 @@ class ImageTransformerConfig:
             raise UserError(f"memory_length must be >= 0, got {self.memory_length}")
         if self.num_classes < 0:
             raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
-        if self.attention == "local_2d":
-            rows, cols = self.grid_shape
-            qh, qw = self.query_shape
-            fh, fw = self.memory_flange
-            if qh < 1 or qw < 1 or fh < 0 or fw < 0:
-                raise UserError(
-                    f"query_shape must be positive and memory_flange non-negative, got "
-                    f"{list(self.query_shape)} and {list(self.memory_flange)}"
-                )
-            if rows % qh or cols % qw:
-                c, h, w = self.image_shape
-                raise UserError(
-                    f"local_2d query_shape {list(self.query_shape)} does not tile the position "
-                    f"grid of a {c}x{h}x{w} image ({rows} rows x {cols} columns = "
-                    f"{'width: one position per pixel' if self.per_pixel else 'width x channels'}"
-                    f"): pick a query_shape whose rows divide {rows} and whose columns "
-                    f"divide {cols}, e.g. --set query_shape={_divisor_near(rows, qh)},"
-                    f"{_divisor_near(cols, qw)}"
-                )
+        PATTERNS[self.attention].check_config(self)
 
     def _validate_superres(self) -> None:
         _, h, w = self.image_shape
@@ -183,7 +164,7 @@ class ImageTransformerConfig:
 
 @dataclass
 class TrainConfig:
-    """How a run trains (SPEC.md section 3): optimiser, schedule, batch, evaluation cadence."""
+    """How a run trains (docs/model.md, "Training"): optimiser, schedule, batch, cadence."""
 
     batch_size: int = 8  # per process and micro-batch
     grad_accum: int = 1  # micro-batches per step: global batch = batch_size x processes x this
@@ -191,7 +172,8 @@ class TrainConfig:
     learning_rate: float = 0.1  # the noam "base"; peak lr = base * 10 / sqrt(d_model * warmup)
     warmup_steps: int = 4000
     lr_schedule: str = "noam"  # noam (paper), or cosine: same warm-up, then cosine decay to 0
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables (the paper presets: 0)
+    ema_decay: float = 0.0  # moving average of the weights, evaluated and saved; 0 disables
     label_smoothing: float = 0.0  # training loss only; evaluation never smooths
     seed: int = 0
     eval_every: int = 500  # steps between test bits/dim evaluations (0: only at the end)
@@ -219,7 +201,9 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
-        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("precision", self.precision, tuple(PRECISIONS))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -234,11 +218,6 @@ class TrainConfig:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-
-
-def _divisor_near(n: int, target: int) -> int:
-    divisors = [k for k in range(1, n + 1) if n % k == 0]
-    return min(divisors, key=lambda k: (abs(math.log(k / max(target, 1))), k))
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -318,5 +297,5 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "ATTENTION_TYPES",
-    "BACKENDS",
+    "BACKEND_CHOICES",
 ]

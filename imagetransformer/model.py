@@ -1,15 +1,23 @@
-"""The Image Transformer (SPEC.md sections 1, 3-5): embedding, position signals, blocks, head.
+"""The Image Transformer (docs/model.md): embedding, position signals, blocks, head.
 
 The model works in generation order: images are flattened to raster positions (one per channel
 intensity, or one per pixel for the mixture-of-logistics output), permuted once into the
 pattern's generation order, embedded, shifted by one and run through the blocks; the head's
 outputs are permuted back to image layout at the end. A super-resolution model adds an encoder
 over the low-resolution image and encoder-decoder attention in every block.
+
+Two ways through the same network: `forward` scores whole images at once (training, bits/dim),
+and the decoding step (`start_decoding`, `decode_step`) runs one generation step at a time with
+a key/value cache (the samplers; anything that needs the distribution of step i given the
+values of the earlier steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,17 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, KVCache
-from .config import ImageTransformerConfig
+from .checkpoint import WEIGHTS_FILE, load_state_checked, read_pretrained, save_pretrained
+from .config import BACKEND_CHOICES, ImageTransformerConfig
 from .errors import UserError
 from .layout import area_downsample, images_to_raster, raster_channel, raster_to_yxc
-from .outputs import output_distribution
+from .outputs import OUTPUT_TYPES, output_distribution
 from .pattern import AttentionPattern
 
 LN_EPS = 1e-6
 
 
 def timing_signal(rows: torch.Tensor, cols: torch.Tensor, d_model: int) -> torch.Tensor:
-    """Two-axis sinusoids (SPEC.md 1.4): d/2 features for the row, d/2 for the column.
+    """Two-axis sinusoids: d/2 features for the row, d/2 for the column.
 
     Each axis uses `n = d/4` timescales `exp(-k ln(1e4) / (n-1))`, as [sin, cos].
     """
@@ -79,14 +88,13 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         pattern: AttentionPattern | None,
-        backend: str | None = None,
         memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`pattern` None: unmasked self-attention (the encoder); `memory`: the encoder output
         that encoder-decoder attention reads."""
         return self._sublayers(
             x,
-            lambda h: self.attn(h, pattern, backend),
+            lambda h: self.attn(h, pattern),
             lambda h: self.cross_attn(h, None, memory=memory),
         )
 
@@ -109,25 +117,25 @@ def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.T
     """Where each low-resolution intensity sits on the decoder's position grid.
 
     A low-resolution pixel covers an s x s block of the output; it gets the (fractional) row
-    and column of that block's centre in the decoder's own units (column C*x + c, or x for
-    per-pixel outputs). Query and key then carry timing signals of one coordinate system, so
-    "attend to the input pixel above me" is a matter of matching phases; with separate grids
-    a small model trained briefly did not learn the alignment at all (no gain over an
-    unconditional model).
+    and column of that block's centre in the decoder's own units (column C*x + c when every
+    channel is a position, x when a pixel is one). Query and key then carry timing signals of
+    one coordinate system, so "attend to the input pixel above me" is a matter of matching
+    phases; with separate grids a small model trained briefly did not learn the alignment at
+    all (no gain over an unconditional model).
     """
     s = config.scale
     c = config.image_shape[0]
     y, x, channel = raster_to_yxc(config.low_res_shape)
     rows = y * s + (s - 1) / 2
     centre_x = x * s + (s - 1) / 2
-    cols = centre_x if config.per_pixel else c * centre_x + channel
-    return rows, cols
+    per_pixel = OUTPUT_TYPES[config.output].positions_per_pixel(c)
+    return rows, per_pixel * centre_x + channel % per_pixel
 
 
 class Encoder(nn.Module):
-    """The super-resolution encoder (SPEC.md 5): the low-resolution image embedded with its own
-    table (one position per channel intensity, as 1.1), timing signals placed on the output
-    grid (see `encoder_cells`), unmasked self-attention blocks."""
+    """The super-resolution encoder: the low-resolution image embedded with its own table (one
+    position per channel intensity), timing signals placed on the output grid (see
+    `encoder_cells`), unmasked self-attention blocks."""
 
     def __init__(self, config: ImageTransformerConfig) -> None:
         super().__init__()
@@ -167,15 +175,9 @@ class ImageTransformer(nn.Module):
         self.pattern = AttentionPattern.from_config(config)
         order = self.pattern.generation_order
         self.register_buffer("generation_order", order.clone(), persistent=False)
-        self.register_buffer("_inverse_order", torch.argsort(order), persistent=False)
+        self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
         self.distribution = output_distribution(config)
-        if config.per_pixel:  # SPEC.md 1.2: a 1 x C convolution over the pixel's channels
-            self.embed = nn.Linear(c, d)
-        else:
-            self.register_buffer(
-                "_step_channel", raster_channel(config.image_shape)[order].clone(), persistent=False
-            )
-            self.embed = nn.Embedding(256 * c, d)
+        self.embed = self.distribution.embedding(d, order.clone())
         rows, cols = self.pattern.cells
         if config.pos == "timing":
             self.register_buffer("_timing", timing_signal(rows, cols, d), persistent=False)
@@ -193,8 +195,8 @@ class ImageTransformer(nn.Module):
             Block(config, cross_attention=superres) for _ in range(config.num_layers)
         )
         self.final_norm = nn.LayerNorm(d, eps=LN_EPS) if config.norm_first else nn.Identity()
-        # dmol: a linear layer without bias to the mixture parameters (SPEC.md 1.2)
-        self.head = nn.Linear(d, self.distribution.num_params, bias=not config.per_pixel)
+        head_bias = self.distribution.head_bias
+        self.head = nn.Linear(d, self.distribution.num_params, bias=head_bias)
         self.reset_parameters()
 
     # Initialisation ----------------------------------------------------------------------------
@@ -283,64 +285,79 @@ class ImageTransformer(nn.Module):
             )
         return low_res.to(self.head.weight.device)
 
-    def _position_signal(self) -> torch.Tensor:
+    def position_signal(self) -> torch.Tensor:
+        """[N, d]: the position signal added at each generation step (the cell it predicts)."""
         if self.config.pos == "timing":
             return self._timing
         return self.row_embed(self._rows) + self.col_embed(self._cols)
 
-    def _embed_steps(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """Embedding of the values generated at `steps`: intensities [B, S] scaled by sqrt(d)
-        (cat), or pixels [B, S, C] rescaled to [-1, 1], a linear layer and ReLU (dmol)."""
-        if self.config.per_pixel:
-            return F.relu(self.embed(values.float() / 127.5 - 1.0))
-        tokens = self._step_channel[steps] * 256 + values
-        return self.embed(tokens) * math.sqrt(self.config.d_model)
-
-    def _conditioning(self, labels: torch.Tensor | None) -> torch.Tensor | float:
+    def class_signal(self, labels: torch.Tensor | None) -> torch.Tensor | float:
+        """[B, 1, d]: the class embedding added at every position (0 when unconditional)."""
         if self.class_embed is None or labels is None:
             return 0.0
         return (self.class_embed(labels) * math.sqrt(self.config.d_model))[:, None, :]
+
+    def to_steps(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, C, H, W] -> their values in generation order [B, N, *value_shape]."""
+        values = self.check_images(images)
+        return self.distribution.to_sequence(values)[:, self.generation_order]
+
+    def from_steps(self, values: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_steps`: values in generation order -> uint8 images."""
+        return self.distribution.to_images(values[:, self.inverse_order]).to(torch.uint8)
 
     # Forward -----------------------------------------------------------------------------------
     def logits_in_generation_order(
         self,
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
-        backend: str | None = None,
         low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, N, P] head outputs; entry i predicts the element generated at step i."""
-        values = self.check_images(images)
-        labels = self.check_labels(labels, values.shape[0])
-        low_res = self.check_low_res(low_res, images, values.shape[0])
+        seq = self.to_steps(images)
+        batch = seq.shape[0]
+        labels = self.check_labels(labels, batch)
+        low_res = self.check_low_res(low_res, images, batch)
         memory = self.encoder(low_res) if self.encoder is not None else None
-        seq = self.distribution.to_sequence(values)[:, self.generation_order]
         steps = torch.arange(seq.shape[1], device=seq.device)
-        emb = self._embed_steps(seq, steps)
+        emb = self.embed(seq, steps)
         x = F.pad(emb[:, :-1], (0, 0, 1, 0))  # shift: step i sees the element of step i-1
-        x = x + self._position_signal() + self._conditioning(labels)
+        x = x + self.position_signal() + self.class_signal(labels)
         x = self.input_dropout(x)
         for block in self.blocks:
-            x = block(x, self.pattern, backend, memory)
+            x = block(x, self.pattern, memory)
         return self.head(self.final_norm(x))
 
     def forward(
         self,
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
-        backend: str | None = None,
         low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Head outputs in image layout for uint8 images [B, C, H, W]: logits [B, C, H, W, 256]
         (cat) or mixture parameters [B, H, W, P] (dmol).
 
         A super-resolution model conditions on `low_res` [B, C, H/s, W/s], by default the
-        images' own area-downsampled copy (what training and bits/dim use).
+        images' own area-downsampled copy (what training and bits/dim use). Attention is
+        computed by `config.backend` (see `use_backend`).
         """
-        params = self.logits_in_generation_order(images, labels, backend, low_res)
-        return self.distribution.params_to_images(params[:, self._inverse_order])
+        params = self.logits_in_generation_order(images, labels, low_res)
+        return self.distribution.params_to_images(params[:, self.inverse_order])
 
-    # Likelihood --------------------------------------------------------------------------------
+    def use_backend(self, name: str) -> ImageTransformer:
+        """Compute attention with backend `name` from now on (every backend computes the same
+        function); returns the model."""
+        if name not in BACKEND_CHOICES:
+            raise UserError(
+                f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_CHOICES)}"
+            )
+        self.config.backend = name
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = name
+        return self
+
+    # Likelihood: the one definition of the loss ------------------------------------------------
     def nll(
         self,
         images: torch.Tensor,
@@ -349,7 +366,8 @@ class ImageTransformer(nn.Module):
         low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Negative log-likelihood in nats, float32: of every sub-pixel [B, C, H, W] (cat), or
-        of every pixel [B, H, W] (dmol: its channels are scored jointly)."""
+        of every pixel [B, H, W] (dmol: its channels are scored jointly). Label smoothing, a
+        training option, changes the figure; it is never used to report one."""
         params = self.forward(images, labels, low_res=low_res)
         return self.distribution.nll(params, images.long(), label_smoothing)
 
@@ -369,37 +387,101 @@ class ImageTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Exact bits/dim of each image, [B] float32 (no smoothing; call in eval mode)."""
-        dims = math.prod(self.config.image_shape)
-        nats = self.nll(images, labels, low_res=low_res).double().flatten(1).sum(1)
-        return (nats / dims / math.log(2)).float()
+        """Exact bits/dim of each image, [B] float32, whatever mode the model is in (dropout
+        is off while it runs)."""
+        with self.evaluating():
+            nats = self.nll(images, labels, low_res=low_res).double().flatten(1).sum(1)
+        return (nats / math.prod(self.config.image_shape) / math.log(2)).float()
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[ImageTransformer]:
+        """Eval mode (no dropout) and no gradients inside; the previous mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self.train(was_training)
+
     def classify(self, images: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
         """log p(y | x) for every class, [B, K]: Bayes' rule over the class-conditional model.
 
         `log_prior` [K] is log p(y), e.g. the training set's class frequencies (default:
         uniform). One forward pass per class; log p(x | y) is summed over all sub-pixels.
+        Exact whatever mode the model is in.
         """
         k = self.config.num_classes
         if k == 0:
             raise UserError("classify needs a class-conditional model (num_classes > 0)")
         values = self.check_images(images)
         batch = values.shape[0]
-        log_px_given_y = torch.stack(
-            [
-                -self.nll(images, torch.full((batch,), y, device=values.device))
-                .double()
-                .flatten(1)
-                .sum(1)
-                for y in range(k)
-            ],
-            dim=1,
-        )
+        with self.evaluating():
+            log_px_given_y = torch.stack(
+                [
+                    -self.nll(images, torch.full((batch,), y, device=values.device))
+                    .double()
+                    .flatten(1)
+                    .sum(1)
+                    for y in range(k)
+                ],
+                dim=1,
+            )
         if log_prior is None:
             log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
         joint = log_px_given_y + log_prior.to(log_px_given_y.device, torch.float64)
         return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+    # Decoding step by step ---------------------------------------------------------------------
+    def start_decoding(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+    ) -> DecodingState:
+        """The state of a step-by-step decoding of `n` images: empty key/value caches sized by
+        the attention's reach, the class signal, and (super-resolution) the encoder run once
+        with every block's encoder keys and values. Call in eval mode under `torch.no_grad()`
+        (`evaluating()`); the weights must not change until the last step."""
+        labels = self.check_labels(labels, n)
+        low_res = self.check_low_res(low_res, None, n)
+        like = self.head.weight
+        caches = [block.attn.new_cache(n, self.pattern, like) for block in self.blocks]
+        if self.encoder is not None:
+            memory = self.encoder(low_res)
+            memory_kvs = [block.cross_attn.memory_keys_values(memory) for block in self.blocks]
+        else:
+            memory_kvs = [None] * len(self.blocks)
+        return DecodingState(
+            n, caches, memory_kvs, self.position_signal(), self.class_signal(labels)
+        )
+
+    def decode_step(
+        self, state: DecodingState, step: int, previous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The head outputs [n, P] that give the distribution of generation step `step`.
+
+        `previous` [n, *value_shape] holds the values of step `step - 1` (None at step 0).
+        Steps must come in order, 0, 1, 2, ...: each one writes its keys and values into the
+        caches. The result equals `logits_in_generation_order(images)[:, step]` for any images
+        whose first `step` values are those fed (up to float rounding; tested).
+        """
+        if step != state.next_step:
+            raise ValueError(f"decode_step expected step {state.next_step}, got {step}")
+        if step == 0:
+            x = state.position.new_zeros(state.batch, 1, self.config.d_model)
+        else:
+            if previous is None:
+                raise ValueError(f"decode_step {step} needs the values of step {step - 1}")
+            prev = torch.full((state.batch, 1), step - 1, device=previous.device)
+            x = self.embed(previous[:, None].long(), prev)
+        h = x + state.position[step] + state.conditioning
+        for block, cache, memory_kv in zip(
+            self.blocks, state.caches, state.memory_kvs, strict=True
+        ):
+            h = block.step(h, step, self.pattern, cache, memory_kv)
+        state.next_step = step + 1
+        return self.head(self.final_norm(h))[:, 0]
 
     def attention_mask(self) -> torch.Tensor:
         """The boolean [N, N] mask in generation order: query step i may see key step j."""
@@ -453,7 +535,7 @@ class ImageTransformer(nn.Module):
         if not 0.0 <= fraction <= 1.0:
             raise UserError(f"the kept fraction must be in [0, 1], got {fraction}")
         rows, cols = self.config.grid_shape
-        unit = self.config.query_shape[0] if self.config.attention == "local_2d" else 1
+        unit = self.pattern.keep_rows
         return round(fraction * rows / unit) * unit * cols
 
     def upscale(self, low_res: torch.Tensor, temperature: float = 1.0, **options) -> torch.Tensor:
@@ -471,10 +553,7 @@ class ImageTransformer(nn.Module):
         """Which intensities the first `keep_positions` generation steps fix: bool [C, H, W]."""
         kept = torch.zeros(self.config.num_positions, dtype=torch.bool)
         kept[self.generation_order[:keep_positions].cpu()] = True
-        c, h, w = self.config.image_shape
-        if self.config.per_pixel:
-            return kept.view(1, h, w).expand(c, h, w)
-        return kept.view(h, w, c).permute(2, 0, 1)
+        return self.distribution.kept_mask(kept)
 
     def complete(
         self, images: torch.Tensor, keep_positions: int, temperature: float = 1.0, **options
@@ -499,8 +578,6 @@ class ImageTransformer(nn.Module):
     # Saving ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` and `model.safetensors` (atomically) into `directory`."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, directory)
 
     @classmethod
@@ -508,9 +585,23 @@ class ImageTransformer(nn.Module):
         cls, directory: str | Path, map_location: str | torch.device = "cpu"
     ) -> ImageTransformer:
         """Rebuild a model from `config.json` and `model.safetensors` in `directory`."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, map_location)
+        config, state = read_pretrained(directory)
+        model = cls(config)
+        load_state_checked(model, state, Path(directory) / WEIGHTS_FILE)
+        return model.to(map_location)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class DecodingState:
+    """What step-by-step decoding carries between steps (made by `start_decoding`): the caller
+    holds it, as with `past_key_values` in Hugging Face's `generate`."""
+
+    batch: int
+    caches: list[KVCache]
+    memory_kvs: list[tuple[torch.Tensor, torch.Tensor] | None]
+    position: torch.Tensor  # [N, d]
+    conditioning: torch.Tensor | float  # [n, 1, d] class signal, or 0
+    next_step: int = 0

@@ -1,22 +1,28 @@
-"""Output distributions (SPEC.md 1.1-1.2 and 4): what a position is, and how it is scored and drawn.
+"""Output distributions (docs/model.md, "Heads"): what a position is, how it is embedded,
+scored and drawn.
 
-Two representations share one interface, so the model, the trainer and the samplers never ask
-which one they hold:
+`OutputDistribution` is the written interface; the model, the trainer and the samplers only use
+it and never ask which one they hold:
 - `Categorical` ("cat"): one position per sub-pixel, a 256-way softmax over its intensity.
 - `LogisticMixture` ("dmol"): one position per pixel, a discretized mixture of logistics over
   its C channels (PixelCNN++), the later channels' means depending on the earlier ones.
+A third output type is one subclass here, registered in `OUTPUT_TYPES` (the config's `output`).
 
-A *sequence* is the raster-ordered form the model reads: `[B, N]` intensities for "cat",
-`[B, N, C]` for "dmol". *Parameters* are the head's outputs per position.
+A *sequence* is the raster-ordered form the model reads: `[B, N, *value_shape]` values (`[B, N]`
+intensities for "cat", `[B, N, C]` pixels for "dmol"). *Parameters* are the head's outputs per
+position.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 
 from .errors import UserError
 from .layout import images_to_raster, raster_to_images
@@ -26,14 +32,133 @@ LOG_SCALE_MIN = -7.0
 TINY_BIN = 1e-5  # below this CDF difference PixelCNN++ uses the density at the bin centre
 
 
-class Categorical:
-    """256-way softmax per sub-pixel (SPEC.md 4.1); positions are channel intensities."""
+class OutputDistribution(ABC):
+    """What one position holds and how its head outputs (parameters) are scored and drawn."""
+
+    name: ClassVar[str]
+    supports_filtering: ClassVar[bool] = False  # top-k / nucleus filtering in `draw`
+    supports_label_smoothing: ClassVar[bool] = False
+    scores_channels: ClassVar[bool] = False  # `nll` gives one term per channel intensity
+    head_bias: ClassVar[bool] = True  # whether the head's linear layer has a bias
+
+    def __init__(self, image_shape: tuple[int, int, int], num_params: int) -> None:
+        self.image_shape = tuple(image_shape)
+        self.num_params = num_params
+
+    @classmethod
+    def from_config(cls, config) -> OutputDistribution:
+        return cls(config.image_shape)
+
+    @staticmethod
+    @abstractmethod
+    def positions_per_pixel(channels: int) -> int:
+        """Positions (grid columns) one pixel takes: the position grid is H x W*this."""
+
+    @property
+    @abstractmethod
+    def value_shape(self) -> tuple[int, ...]:
+        """The shape of the value at one position: () for an intensity, (C,) for a pixel."""
+
+    @abstractmethod
+    def embedding(self, d_model: int, generation_order: torch.Tensor) -> nn.Module:
+        """The input embedding: a module mapping values [B, S, *value_shape] generated at steps
+        [S] to [B, S, d_model]."""
+
+    @abstractmethod
+    def to_sequence(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8/long [B, C, H, W] -> values [B, N, *value_shape] in raster order."""
+
+    @abstractmethod
+    def to_images(self, seq: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_sequence`."""
+
+    @abstractmethod
+    def params_to_images(self, params: torch.Tensor) -> torch.Tensor:
+        """Parameters [B, N, P] in raster order laid out as the image."""
+
+    @abstractmethod
+    def nll(
+        self, params: torch.Tensor, images: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Nats of every scored element in float32, from `params_to_images` parameters."""
+
+    @abstractmethod
+    def draw(
+        self,
+        params: torch.Tensor,
+        temperature: float,
+        generator: torch.Generator | None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> torch.Tensor:
+        """One value [B, *value_shape] per row of parameters [B, P]; temperature 0: the mode."""
+
+    def check_sampling(self, top_k: int, top_p: float) -> None:
+        """Refuse filtering options this output cannot honour (before sampling starts)."""
+        if (top_k or top_p < 1.0) and not self.supports_filtering:
+            raise UserError(
+                f"top-k / nucleus filtering applies to the categorical output only, not {self.name}"
+            )
+
+    def check_label_smoothing(self, label_smoothing: float) -> None:
+        if label_smoothing and not self.supports_label_smoothing:
+            raise UserError(
+                f"label smoothing (label_smoothing) applies to the categorical output only; "
+                f"drop it for {self.name}"
+            )
+
+    def kept_mask(self, kept: torch.Tensor) -> torch.Tensor:
+        """Raster positions kept (bool [N]) -> the intensities they fix, bool [C, H, W]."""
+        per_value = kept.view(1, -1, *(1 for _ in self.value_shape))
+        return self.to_images(per_value.expand(1, -1, *self.value_shape))[0]
+
+
+class IntensityEmbedding(nn.Embedding):
+    """One row per (channel, intensity): channel c with value v uses row 256*c + v, times
+    sqrt(d) (one position per sub-pixel)."""
+
+    def __init__(self, channels: int, d_model: int, generation_order: torch.Tensor) -> None:
+        super().__init__(256 * channels, d_model)
+        # the channel of the position generated at each step (raster index t has channel t % C)
+        self.register_buffer("step_channel", generation_order % channels, persistent=False)
+
+    def forward(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        tokens = self.step_channel[steps] * 256 + values
+        return super().forward(tokens) * math.sqrt(self.embedding_dim)
+
+
+class PixelEmbedding(nn.Linear):
+    """A pixel's C intensities rescaled to [-1, 1], a linear layer (the 1 x C convolution) and
+    ReLU (one position per pixel)."""
+
+    def __init__(self, channels: int, d_model: int) -> None:
+        super().__init__(channels, d_model)
+
+    def forward(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(to_unit_interval(values)))
+
+
+class Categorical(OutputDistribution):
+    """256-way softmax per sub-pixel; positions are channel intensities."""
 
     name = "cat"
+    supports_filtering = True
+    supports_label_smoothing = True
+    scores_channels = True
 
     def __init__(self, image_shape: tuple[int, int, int]) -> None:
-        self.image_shape = tuple(image_shape)
-        self.num_params = 256
+        super().__init__(image_shape, num_params=256)
+
+    @staticmethod
+    def positions_per_pixel(channels: int) -> int:
+        return channels
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return ()
+
+    def embedding(self, d_model: int, generation_order: torch.Tensor) -> nn.Module:
+        return IntensityEmbedding(self.image_shape[0], d_model, generation_order)
 
     def to_sequence(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, H*W*C], channel fastest."""
@@ -43,7 +168,9 @@ class Categorical:
         """The inverse of `to_sequence`; trailing axes (e.g. logits) ride along."""
         return raster_to_images(seq, self.image_shape)
 
-    params_to_images = to_images  # logits [B, N, 256] -> [B, C, H, W, 256]
+    def params_to_images(self, params: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N, 256] -> [B, C, H, W, 256]."""
+        return self.to_images(params)
 
     def nll(
         self, params: torch.Tensor, images: torch.Tensor, label_smoothing: float = 0.0
@@ -57,8 +184,8 @@ class Categorical:
             label_smoothing=label_smoothing,
         ).view(targets.shape)
 
-    @staticmethod
     def draw(
+        self,
         params: torch.Tensor,
         temperature: float,
         generator: torch.Generator | None,
@@ -118,22 +245,37 @@ def discretized_logistic_log_prob(
     )
 
 
-class LogisticMixture:
-    """Discretized mixture of K logistics per pixel (SPEC.md 1.2 and 4.2, after PixelCNN++).
+class LogisticMixture(OutputDistribution):
+    """Discretized mixture of K logistics per pixel (after PixelCNN++).
 
     Parameters per pixel, in this order: K mixture logits, K x C locations, K x C log-scales,
     K x C(C-1)/2 channel coefficients (`a, b, c` for RGB: mu_G += a x_R, mu_B += b x_R + c x_G).
     """
 
     name = "dmol"
+    head_bias = False  # a linear layer without bias to the mixture parameters, as the reference
 
     def __init__(self, image_shape: tuple[int, int, int], num_mixtures: int = 10) -> None:
-        self.image_shape = tuple(image_shape)
-        self.channels = self.image_shape[0]
+        c = image_shape[0]
+        self.channels = c
         self.num_mixtures = num_mixtures
-        k, c = num_mixtures, self.channels
         self.num_coeffs = c * (c - 1) // 2
-        self.num_params = k * (1 + 2 * c + self.num_coeffs)
+        super().__init__(image_shape, num_params=num_mixtures * (1 + 2 * c + self.num_coeffs))
+
+    @classmethod
+    def from_config(cls, config) -> LogisticMixture:
+        return cls(config.image_shape, config.num_mixtures)
+
+    @staticmethod
+    def positions_per_pixel(channels: int) -> int:
+        return 1
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return (self.channels,)
+
+    def embedding(self, d_model: int, generation_order: torch.Tensor) -> nn.Module:
+        return PixelEmbedding(self.channels, d_model)
 
     def to_sequence(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, H*W, C]: one position per pixel, raster order."""
@@ -160,20 +302,25 @@ class LogisticMixture:
         coeffs = torch.tanh(params[..., k + 2 * k * c :]).unflatten(-1, (k, self.num_coeffs))
         return logits, locs, log_scales.clamp(min=LOG_SCALE_MIN), coeffs
 
+    def coupled_mean(
+        self, locs: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor, c: int
+    ) -> torch.Tensor:
+        """The mean of channel `c`: its location plus the coupling to the earlier channels
+        `x[..., :c]` on the [-1, 1] scale (locs [..., C], coeffs [..., C(C-1)/2], x [..., C])."""
+        first = c * (c - 1) // 2  # coefficients of (c, 0), (c, 1), ... follow those of c - 1
+        mean = locs[..., c]
+        for earlier in range(c):
+            mean = mean + coeffs[..., first + earlier] * x[..., earlier]
+        return mean
+
     def channel_means(
         self, locs: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
-        """Means [..., K, C]: each channel's location plus the coupling to the earlier channels
-        `x` [..., C] (the pixel's true values on the [-1, 1] scale)."""
-        means = [locs[..., 0]]
-        pair = 0
-        for c in range(1, self.channels):
-            mean = locs[..., c]
-            for earlier in range(c):
-                mean = mean + coeffs[..., pair] * x[..., None, earlier]
-                pair += 1
-            means.append(mean)
-        return torch.stack(means, dim=-1)
+        """Means [..., K, C] of every component, coupled to the pixel's true values `x` [..., C]."""
+        x = x[..., None, :]  # the same pixel for every component
+        return torch.stack(
+            [self.coupled_mean(locs, coeffs, x, c) for c in range(self.channels)], dim=-1
+        )
 
     def component_log_probs(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """log p_k(x_c | x_<c) of every component k and channel c: [B, H, W, K, C].
@@ -190,8 +337,7 @@ class LogisticMixture:
         self, params: torch.Tensor, images: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Nats of every pixel [B, H, W] (all its channels) from parameters [B, H, W, P]."""
-        if label_smoothing:
-            raise UserError("label smoothing applies to the categorical output only, not dmol")
+        self.check_label_smoothing(label_smoothing)
         logits, _, _, _ = self.split(params)
         joint = torch.log_softmax(logits, dim=-1) + self.component_log_probs(params, images).sum(-1)
         return -torch.logsumexp(joint, dim=-1)
@@ -210,8 +356,7 @@ class LogisticMixture:
         logistic with scale x T, coupled to the earlier channels' *drawn 8-bit values*: exactly
         the distribution the likelihood scores. Temperature 0: the likeliest component's modes.
         """
-        if top_k or top_p < 1.0:
-            raise UserError("top-k / nucleus filtering applies to the categorical output only")
+        self.check_sampling(top_k, top_p)
         logits, locs, log_scales, coeffs = self.split(params)
         batch = params.shape[0]
         if temperature <= 0:
@@ -229,12 +374,8 @@ class LogisticMixture:
         )
         values = torch.zeros(batch, self.channels, dtype=torch.long, device=params.device)
         x = torch.zeros(batch, self.channels, device=params.device)
-        pair = 0
         for c in range(self.channels):
-            mean = locs[:, c]
-            for earlier in range(c):
-                mean = mean + coeffs[:, pair] * x[:, earlier]
-                pair += 1
+            mean = self.coupled_mean(locs, coeffs, x, c)  # x holds the channels drawn so far
             scale = torch.exp(log_scales[:, c]) * max(temperature, 0.0)
             sample = (mean + scale * noise[:, c]).clamp(-1.0, 1.0)
             values[:, c] = torch.round((sample + 1.0) * 127.5).clamp(0, 255).long()
@@ -252,8 +393,12 @@ def _logistic_noise(shape: tuple[int, ...], device, generator) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
-def output_distribution(config) -> Categorical | LogisticMixture:
+# name -> class: the one place that lists the output types (the config's `output`)
+OUTPUT_TYPES: dict[str, type[OutputDistribution]] = {
+    cls.name: cls for cls in (Categorical, LogisticMixture)
+}
+
+
+def output_distribution(config) -> OutputDistribution:
     """The distribution named by `config.output`."""
-    if config.output == "dmol":
-        return LogisticMixture(config.image_shape, config.num_mixtures)
-    return Categorical(config.image_shape)
+    return OUTPUT_TYPES[config.output].from_config(config)

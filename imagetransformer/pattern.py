@@ -1,76 +1,78 @@
-"""The attention rule (SPEC.md section 2), in one place, in every form a consumer needs.
+"""The attention rule (docs/model.md, "Attention"), in one place, in every form a consumer needs.
 
-Every attention type is two things: a generation order (a permutation of raster positions) and
-a predicate `allowed(q, k)` over positions *in generation order*. Everything else here (the
-dense mask, the gathered key blocks of the `blocked` backend, the `mask_mod` of the `flex`
-backend, the keys a sampling step reads) is derived from `allowed`, so no backend re-derives
-the rule.
+Every attention type is one class: a generation order (a permutation of raster positions) and a
+predicate `allowed(q, k)` over positions *in generation order*. Everything else (the dense mask,
+the gathered key blocks of the `blocked` backend, the `mask_mod` of the `flex` backend, the
+ring-buffer slots a sampling step reads) is derived here from `allowed`, so no backend re-derives
+the rule. A new attention type is one subclass registered in `PATTERNS`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from einops import rearrange
 
-from .config import ImageTransformerConfig
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import ImageTransformerConfig
 
 
-class AttentionPattern:
-    """Generation order and key-visibility rule for one attention type on one position grid.
+class AttentionPattern(ABC):
+    """Generation order and key-visibility rule of one attention type on one position grid.
 
     `rows x cols` is the position grid: H x W*C for the categorical layout. Queries are grouped
     into blocks of `query_block` consecutive positions in generation order; the `blocked`
-    backend and the sampler work per block.
+    backend and the sampler work per block. Build one with `create(kind, rows, cols, ...)` or
+    `from_config(config)`.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        rows: int,
-        cols: int,
-        block_length: int = 256,
-        memory_length: int = 256,
-        query_shape: tuple[int, int] = (8, 16),
-        memory_flange: tuple[int, int] = (8, 32),
-    ) -> None:
-        self.kind = kind
+    kind: ClassVar[str]
+    # whether the rule skips keys at all: a backend that skips masked blocks gains nothing if not
+    skips_keys: ClassVar[bool] = True
+
+    def __init__(self, rows: int, cols: int) -> None:
         self.rows, self.cols = rows, cols
         self.num_positions = rows * cols
-        self.block_length = block_length
-        self.memory_length = memory_length
-        self.query_shape = tuple(query_shape)
-        self.memory_flange = tuple(memory_flange)
         self._cells_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # the forms below moved to a device, filled by the attention backends on first use
         self.device_forms: dict[tuple[str, torch.device], object] = {}
-        if kind == "local_2d" and (rows % query_shape[0] or cols % query_shape[1]):
-            raise ValueError(f"query_shape {query_shape} does not tile a {rows}x{cols} grid")
+
+    # Construction ------------------------------------------------------------------------------
+    @staticmethod
+    def create(kind: str, rows: int, cols: int, *args, **kwargs) -> AttentionPattern:
+        """The pattern of attention type `kind` ("global", "local_1d", "local_2d") on a grid."""
+        if kind not in PATTERNS:
+            raise UserError(f"unknown attention {kind!r}; choose one of: {', '.join(PATTERNS)}")
+        return PATTERNS[kind](rows, cols, *args, **kwargs)
+
+    @staticmethod
+    def from_config(config: ImageTransformerConfig) -> AttentionPattern:
+        """The (shared, cached) pattern of a model config."""
+        rows, cols = config.grid_shape
+        params = PATTERNS[config.attention].params(config)
+        return _cached_pattern(config.attention, rows, cols, params)
 
     @classmethod
-    def from_config(cls, config: ImageTransformerConfig) -> AttentionPattern:
-        rows, cols = config.grid_shape
-        return _cached_pattern(
-            config.attention,
-            rows,
-            cols,
-            config.block_length,
-            config.effective_memory_length,
-            tuple(config.query_shape),
-            tuple(config.memory_flange),
-        )
+    @abstractmethod
+    def params(cls, config: ImageTransformerConfig) -> tuple:
+        """This type's constructor arguments after (rows, cols), read from a config."""
+
+    @classmethod
+    def check_config(cls, config: ImageTransformerConfig) -> None:
+        """Refuse settings this type cannot honour, with a message that names the fix."""
+        return None
 
     # Order and cells ---------------------------------------------------------------------------
     @functools.cached_property
     def generation_order(self) -> torch.Tensor:
-        """Entry i is the raster index generated at step i."""
-        raster = torch.arange(self.num_positions)
-        if self.kind != "local_2d":
-            return raster
-        qh, qw = self.query_shape
-        grid = raster.view(self.rows, self.cols)
-        return rearrange(grid, "(br qh) (bc qw) -> (br bc qh qw)", qh=qh, qw=qw).contiguous()
+        """Entry i is the raster index generated at step i (raster order unless overridden)."""
+        return torch.arange(self.num_positions)
 
     @functools.cached_property
     def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,15 +89,17 @@ class AttentionPattern:
         return self._cells_by_device[device]
 
     @property
+    @abstractmethod
     def query_block(self) -> int:
         """Queries per block: the unit the `blocked` backend gathers keys for."""
-        if self.kind == "local_1d":
-            return min(self.block_length, self.num_positions)
-        if self.kind == "local_2d":
-            return self.query_shape[0] * self.query_shape[1]
-        return min(256, self.num_positions)
+
+    @property
+    def keep_rows(self) -> int:
+        """Grid rows a kept prefix must come in (completion): whole rows of generated cells."""
+        return 1
 
     # The rule ----------------------------------------------------------------------------------
+    @abstractmethod
     def allowed(
         self,
         q: torch.Tensor,
@@ -104,26 +108,11 @@ class AttentionPattern:
     ) -> torch.Tensor:
         """May query step `q` attend to key step `k`? Broadcasts; both in generation order.
 
-        With the shift of SPEC.md 1.3, position k holds the element generated at step k-1, so
+        Position k holds the element generated at step k-1 (the shift of docs/model.md), so
         `k <= q` is exactly causal. Written with elementwise ops and indexing into the `cells`
-        table only, so it also runs under `vmap` and inside flex_attention's traced `mask_mod`
-        (see `mask_mod`). `cells`: that table on `q`'s device (default: `cells_on(q.device)`).
+        table only, so it also runs under `vmap` and inside flex_attention's traced `mask_mod`.
+        `cells`: that table on `q`'s device (default: `cells_on(q.device)`).
         """
-        causal = k <= q
-        if self.kind == "global":
-            return causal
-        if self.kind == "local_1d":
-            block_start = torch.div(q, self.block_length, rounding_mode="floor") * self.block_length
-            return causal & (k >= block_start - self.memory_length)
-        row, col = self.cells_on(q.device) if cells is None else cells
-        qh, qw = self.query_shape
-        fh, fw = self.memory_flange
-        r0 = torch.div(row[q], qh, rounding_mode="floor") * qh
-        c0 = torch.div(col[q], qw, rounding_mode="floor") * qw
-        rk, ck = row[k], col[k]
-        top = (rk >= r0 - fh) & (rk < r0) & (ck >= c0 - fw) & (ck < c0 + qw + fw)
-        same_rows = (rk >= r0) & (rk < r0 + qh) & (ck >= c0 - fw) & (ck < c0 + qw)
-        return causal & (top | same_rows)
 
     # Forms for consumers -----------------------------------------------------------------------
     def dense_mask(self) -> torch.Tensor:
@@ -140,7 +129,7 @@ class AttentionPattern:
         clamp keeps that call's table reads in bounds. Over `[0, N) x [0, N)` this is exactly
         `allowed`.
         """
-        cells = self.cells_on(device) if self.kind == "local_2d" else None
+        cells = self.cells_on(device)
         last = self.num_positions - 1
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -249,16 +238,131 @@ class AttentionPattern:
         return int(key_mask.sum(-1).max())
 
 
+class GlobalPattern(AttentionPattern):
+    """Every earlier position: `k <= q`. Quadratic; the reference for tests."""
+
+    kind = "global"
+    skips_keys = False
+
+    @classmethod
+    def params(cls, config: ImageTransformerConfig) -> tuple:
+        return ()
+
+    @property
+    def query_block(self) -> int:
+        return min(256, self.num_positions)
+
+    def allowed(self, q, k, cells=None):
+        return k <= q
+
+
+class Local1DPattern(AttentionPattern):
+    """Raster order cut into query blocks of `block_length` positions; a query sees its own
+    block up to itself and the `memory_length` positions before the block."""
+
+    kind = "local_1d"
+
+    def __init__(self, rows: int, cols: int, block_length: int = 256, memory_length: int = 256):
+        super().__init__(rows, cols)
+        self.block_length = block_length
+        self.memory_length = memory_length
+
+    @classmethod
+    def params(cls, config: ImageTransformerConfig) -> tuple:
+        return (config.block_length, config.effective_memory_length)
+
+    @property
+    def query_block(self) -> int:
+        return min(self.block_length, self.num_positions)
+
+    def allowed(self, q, k, cells=None):
+        block_start = torch.div(q, self.block_length, rounding_mode="floor") * self.block_length
+        return (k <= q) & (k >= block_start - self.memory_length)
+
+
+class Local2DPattern(AttentionPattern):
+    """Query rectangles of `query_shape` cells generated in block-raster order; a query sees
+    its own block up to itself, a flange above (reaching `memory_flange` cells up, left and
+    right) and a flange to the left (docs/model.md, "local_2d")."""
+
+    kind = "local_2d"
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        query_shape: tuple[int, int] = (8, 16),
+        memory_flange: tuple[int, int] = (8, 32),
+    ) -> None:
+        super().__init__(rows, cols)
+        self.query_shape = tuple(query_shape)
+        self.memory_flange = tuple(memory_flange)
+        if rows % query_shape[0] or cols % query_shape[1]:
+            raise ValueError(f"query_shape {query_shape} does not tile a {rows}x{cols} grid")
+
+    @classmethod
+    def params(cls, config: ImageTransformerConfig) -> tuple:
+        return (tuple(config.query_shape), tuple(config.memory_flange))
+
+    @classmethod
+    def check_config(cls, config: ImageTransformerConfig) -> None:
+        rows, cols = config.grid_shape
+        qh, qw = config.query_shape
+        fh, fw = config.memory_flange
+        if qh < 1 or qw < 1 or fh < 0 or fw < 0:
+            raise UserError(
+                f"query_shape must be positive and memory_flange non-negative, got "
+                f"{list(config.query_shape)} and {list(config.memory_flange)}"
+            )
+        if rows % qh or cols % qw:
+            c, h, w = config.image_shape
+            per_pixel = cols == w
+            raise UserError(
+                f"local_2d query_shape {list(config.query_shape)} does not tile the position "
+                f"grid of a {c}x{h}x{w} image ({rows} rows x {cols} columns = "
+                f"{'width: one position per pixel' if per_pixel else 'width x channels'}"
+                f"): pick a query_shape whose rows divide {rows} and whose columns "
+                f"divide {cols}, e.g. --set query_shape={_divisor_near(rows, qh)},"
+                f"{_divisor_near(cols, qw)}"
+            )
+
+    @functools.cached_property
+    def generation_order(self) -> torch.Tensor:
+        qh, qw = self.query_shape
+        grid = torch.arange(self.num_positions).view(self.rows, self.cols)
+        return rearrange(grid, "(br qh) (bc qw) -> (br bc qh qw)", qh=qh, qw=qw).contiguous()
+
+    @property
+    def query_block(self) -> int:
+        return self.query_shape[0] * self.query_shape[1]
+
+    @property
+    def keep_rows(self) -> int:
+        return self.query_shape[0]
+
+    def allowed(self, q, k, cells=None):
+        row, col = self.cells_on(q.device) if cells is None else cells
+        qh, qw = self.query_shape
+        fh, fw = self.memory_flange
+        r0 = torch.div(row[q], qh, rounding_mode="floor") * qh
+        c0 = torch.div(col[q], qw, rounding_mode="floor") * qw
+        rk, ck = row[k], col[k]
+        top = (rk >= r0 - fh) & (rk < r0) & (ck >= c0 - fw) & (ck < c0 + qw + fw)
+        same_rows = (rk >= r0) & (rk < r0 + qh) & (ck >= c0 - fw) & (ck < c0 + qw)
+        return (k <= q) & (top | same_rows)
+
+
+# name -> class: the one place that lists the attention types
+PATTERNS: dict[str, type[AttentionPattern]] = {
+    cls.kind: cls for cls in (GlobalPattern, Local1DPattern, Local2DPattern)
+}
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return min(divisors, key=lambda k: (abs(math.log(k / max(target, 1))), k))
+
+
 @functools.lru_cache(maxsize=32)
-def _cached_pattern(
-    kind: str,
-    rows: int,
-    cols: int,
-    block_length: int,
-    memory_length: int,
-    query_shape: tuple[int, int],
-    memory_flange: tuple[int, int],
-) -> AttentionPattern:
-    return AttentionPattern(
-        kind, rows, cols, block_length, memory_length, query_shape, memory_flange
-    )
+def _cached_pattern(kind: str, rows: int, cols: int, params: tuple) -> AttentionPattern:
+    return PATTERNS[kind](rows, cols, *params)

@@ -1,12 +1,27 @@
-"""Named configs: the paper's (SPEC.md section 7) and small ones that train on a CPU in minutes.
+"""Named configs: the paper's (docs/model.md, "Presets") and small ones that train on a CPU
+in minutes.
 
-A preset is a model config plus the training recipe that goes with it.
+A preset is a model config, the training recipe that goes with it, and the data it trains on by
+default (with the conversion that makes that data fit the model, e.g. `tiny` reads mnist5k at
+8x8). A new preset is one entry in `PRESETS`; a test checks each against its default data.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .config import ImageTransformerConfig, TrainConfig
 from .errors import UserError
+
+
+@dataclass(frozen=True)
+class PresetData:
+    """The data set a preset trains on unless --data says otherwise, and its conversion."""
+
+    name: str = "mnist5k"
+    image_size: int | None = None
+    channels: int | None = None
+
 
 _CIFAR = (3, 32, 32)
 _PAPER_1D = dict(image_shape=_CIFAR, attention="local_1d", ffn_size=2048, d_model=512)
@@ -173,6 +188,32 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
             ),
         )
     },
+    "rgb32": (
+        dict(
+            image_shape=_CIFAR,
+            attention="local_1d",
+            num_layers=4,
+            d_model=64,
+            num_heads=4,
+            ffn_size=256,
+            dropout=0.0,
+            block_length=192,
+            memory_length=384,
+            norm_first=True,
+        ),
+        dict(
+            batch_size=8,
+            learning_rate=0.08,
+            warmup_steps=300,
+            max_steps=1500,
+            lr_schedule="cosine",
+            eval_every=500,
+            eval_images=200,
+            checkpoint_every=250,
+        ),
+        "CPU: 3x32x32 colour images (default data cifar10, or a folder), local 1D over "
+        "2-row blocks with 4 rows of memory, 4 layers d=64",
+    ),
     "tiny": (
         dict(
             image_shape=(1, 8, 8),
@@ -199,13 +240,33 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
 
 DEFAULT_PRESET = "mnist_1d"
 
-# the data set a preset trains on unless --data says otherwise
-_DATA = {name: name for name in ("celeba", "cifar10", "imagenet32", "imagenet64")}
+# the data set each preset trains on unless --data says otherwise (default: mnist5k as it is)
+_DATA: dict[str, PresetData] = {
+    **{
+        name: PresetData(name.split("_")[0])
+        for name in PRESETS
+        if name.split("_")[0] in ("celeba", "cifar10", "imagenet32", "imagenet64")
+    },
+    "tiny": PresetData("mnist5k", image_size=8),
+    "rgb32": PresetData("cifar10"),
+}
 
 
 def preset_data(name: str) -> str:
-    """The default data set of preset `name`: its prefix when that is a data set, else mnist5k."""
-    return _DATA.get(name.split("_")[0], "mnist5k")
+    """The default data set of preset `name`."""
+    return preset_data_options(name).name
+
+
+def preset_data_options(name: str) -> PresetData:
+    """The default data set of preset `name` and the conversion that makes it fit."""
+    _lookup(name)
+    return _DATA.get(name, PresetData())
+
+
+def presets_for_shape(shape: tuple[int, int, int]) -> list[str]:
+    """Presets whose images are `shape` [C, H, W]: the CPU ones first (a size-mismatch hint)."""
+    names = [n for n in preset_names() if tuple(PRESETS[n][0]["image_shape"]) == tuple(shape)]
+    return sorted(names, key=lambda n: ("CPU" not in PRESETS[n][2], n))[:4]
 
 
 def preset_names() -> list[str]:

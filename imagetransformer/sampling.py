@@ -1,49 +1,50 @@
-"""Sampling in generation order (SPEC.md section 6).
+"""Sampling in generation order (docs/model.md, "Sampling"), built on the model's public
+decoding step only.
 
-`sample` is the cached sampler: one position per step through every layer, keys and values kept
-in a per-layer cache, each step reading only the keys its pattern admits. `sample_reference`
-re-runs the whole network on the partial image at every step, as tensor2tensor does; it exists
-so tests can check that both give the same images.
+`sample` is the cached sampler: `model.start_decoding` then one `model.decode_step` per
+generation step, each reading only the keys its pattern admits from a per-layer ring buffer.
+`sample_reference` re-runs the whole network on the partial image at every step, as
+tensor2tensor does; it exists so tests can check that both give the same images.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .outputs import Categorical
 
-draw = Categorical.draw  # one intensity per row of categorical logits [B, 256]
+if TYPE_CHECKING:
+    from .model import ImageTransformer
 
 
-def _prepare(model, n: int, labels, prefix: torch.Tensor | None, keep: int, low_res, filtering):
+def _prepare(
+    model: ImageTransformer,
+    n: int,
+    prefix: torch.Tensor | None,
+    keep: int,
+    top_k: int,
+    top_p: float,
+) -> torch.Tensor:
+    """Values [n, N, *value_shape] in generation order, the first `keep` steps from `prefix`."""
+    model.distribution.check_sampling(top_k, top_p)
     device = model.head.weight.device
-    if model.config.per_pixel and filtering:
-        raise UserError("top-k / nucleus filtering applies to the categorical output only")
-    labels = model.check_labels(labels, n)
-    low_res = model.check_low_res(low_res, None, n)
-    dist = model.distribution
-    n_pos = model.config.num_positions
-    per_position = (model.config.image_shape[0],) if model.config.per_pixel else ()
-    values = torch.zeros(n, n_pos, *per_position, dtype=torch.long, device=device)
+    shape = (n, model.config.num_positions, *model.distribution.value_shape)
+    values = torch.zeros(shape, dtype=torch.long, device=device)
     if keep:
         if prefix is None:
             raise UserError("keep > 0 needs the prefix images whose first steps are kept")
-        given = model.check_images(prefix.to(device))
+        given = model.to_steps(prefix.to(device))
         if given.shape[0] != n:
             raise UserError(f"prefix holds {given.shape[0]} images, expected {n}")
-        values[:, :keep] = dist.to_sequence(given)[:, model.generation_order[:keep]]
-    return labels, low_res, values
+        values[:, :keep] = given[:, :keep]
+    return values
 
 
-def _finish(model, values: torch.Tensor) -> torch.Tensor:
-    return model.distribution.to_images(values[:, model._inverse_order]).to(torch.uint8)
-
-
-@torch.no_grad()
 def sample(
-    model,
+    model: ImageTransformer,
     n: int,
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
@@ -59,46 +60,30 @@ def sample(
     """Cached sampling of `n` images; the first `keep` generation steps are copied from `prefix`.
 
     Returns uint8 images [n, C, H, W] (and the [n, N, P] head outputs in generation order when
-    `return_logits`, for tests). A super-resolution model runs its encoder once on `low_res`;
-    each block's encoder-decoder keys and values are computed once too.
+    `return_logits`, for tests). A super-resolution model runs its encoder once on `low_res`.
     """
-    was_training = model.training
-    model.eval()
-    labels, low_res, values = _prepare(
-        model, n, labels, prefix, keep, low_res, top_k > 0 or top_p < 1.0
-    )
-    n_pos = values.shape[1]
-    like = model.head.weight
-    caches = [block.attn.new_cache(n, model.pattern, like) for block in model.blocks]
-    if model.encoder is not None:
-        memory = model.encoder(low_res)
-        memory_kvs = [block.cross_attn.memory_keys_values(memory) for block in model.blocks]
-    else:
-        memory_kvs = [None] * len(model.blocks)
-    position = model._position_signal()
-    conditioning = model._conditioning(labels)
-    all_logits = like.new_zeros(n, n_pos, like.shape[0]) if return_logits else None
-    x = like.new_zeros(n, 1, model.config.d_model)
-    for step in tqdm(range(n_pos), desc="sampling", disable=not progress, leave=False):
-        if step > 0:
-            prev = torch.full((n, 1), step - 1, device=values.device)
-            x = model._embed_steps(values[:, step - 1 : step], prev)
-        h = x + position[step] + conditioning
-        for block, cache, memory_kv in zip(model.blocks, caches, memory_kvs, strict=True):
-            h = block.step(h, step, model.pattern, cache, memory_kv)
-        logits = model.head(model.final_norm(h))[:, 0]
-        if return_logits:
-            all_logits[:, step] = logits
-        if step >= keep:
-            values[:, step] = model.distribution.draw(logits, temperature, generator, top_k, top_p)
-    model.train(was_training)
-    images = _finish(model, values)
+    with model.evaluating():
+        values = _prepare(model, n, prefix, keep, top_k, top_p)
+        state = model.start_decoding(n, labels, low_res)
+        n_pos = values.shape[1]
+        all_logits = None
+        for step in tqdm(range(n_pos), desc="sampling", disable=not progress, leave=False):
+            previous = values[:, step - 1] if step > 0 else None
+            logits = model.decode_step(state, step, previous)
+            if return_logits:
+                if all_logits is None:
+                    all_logits = logits.new_zeros(n, n_pos, logits.shape[-1])
+                all_logits[:, step] = logits
+            if step >= keep:
+                values[:, step] = model.distribution.draw(
+                    logits, temperature, generator, top_k, top_p
+                )
+        images = model.from_steps(values)
     return (images, all_logits) if return_logits else images
 
 
-@torch.no_grad()
 def sample_reference(
-    model,
+    model: ImageTransformer,
     n: int,
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
@@ -111,22 +96,22 @@ def sample_reference(
     low_res: torch.Tensor | None = None,
 ):
     """The re-running sampler: the full network on the partial image at every step (slow)."""
-    was_training = model.training
-    model.eval()
-    labels, low_res, values = _prepare(
-        model, n, labels, prefix, keep, low_res, top_k > 0 or top_p < 1.0
-    )
-    n_pos = values.shape[1]
-    like = model.head.weight
-    all_logits = like.new_zeros(n, n_pos, like.shape[0]) if return_logits else None
-    # kept steps need a forward pass only when their logits are asked for
-    for step in range(0 if return_logits else keep, n_pos):
-        images = _finish(model, values)
-        logits = model.logits_in_generation_order(images, labels, low_res=low_res)[:, step]
-        if return_logits:
-            all_logits[:, step] = logits
-        if step >= keep:
-            values[:, step] = model.distribution.draw(logits, temperature, generator, top_k, top_p)
-    model.train(was_training)
-    images = _finish(model, values)
+    with model.evaluating():
+        values = _prepare(model, n, prefix, keep, top_k, top_p)
+        labels = model.check_labels(labels, n)
+        low_res = model.check_low_res(low_res, None, n)
+        n_pos = values.shape[1]
+        like = model.head.weight
+        all_logits = like.new_zeros(n, n_pos, like.shape[0]) if return_logits else None
+        # kept steps need a forward pass only when their logits are asked for
+        for step in range(0 if return_logits else keep, n_pos):
+            images = model.from_steps(values)
+            logits = model.logits_in_generation_order(images, labels, low_res=low_res)[:, step]
+            if return_logits:
+                all_logits[:, step] = logits
+            if step >= keep:
+                values[:, step] = model.distribution.draw(
+                    logits, temperature, generator, top_k, top_p
+                )
+        images = model.from_steps(values)
     return (images, all_logits) if return_logits else images

@@ -265,7 +265,8 @@ def test_resume_may_switch_the_attention_backend(trained, tmp_path, monkeypatch,
 def test_resume_refuses_a_corrupt_checkpoint(trained, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     run = _copy(trained, tmp_path)
-    (run / "checkpoint.pt").write_bytes(b"\x00garbage, not a zip archive" * 10)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # the older copy would stand in
+        (run / name).write_bytes(b"\x00garbage, not a zip archive" * 10)
     weights = (run / "model.safetensors").read_bytes()
     code = main(["train", "--resume", "--out", str(run), "--set", "max_steps=8", "--quiet"])
     _assert_user_error(code, capsys, "checkpoint.pt", "corrupt")

@@ -19,7 +19,8 @@ from imagetransformer import TrainConfig, distributed
 from imagetransformer.checkpoint import load_checkpoint, save_checkpoint
 from imagetransformer.data import ImageDataset
 from imagetransformer.errors import UserError
-from imagetransformer.training import RunInfo, Trainer
+from imagetransformer.run import Run, RunInfo
+from imagetransformer.training import Trainer
 
 from .helpers import tiny_config
 
@@ -51,9 +52,7 @@ def _trainer(
         seed=5,
     )
     return Trainer(
-        run_dir,
-        tiny_config("local_1d", image_shape=(1, 8, 8), dropout=dropout),
-        RunInfo(train=cfg),
+        Run(run_dir, tiny_config("local_1d", image_shape=(1, 8, 8), dropout=dropout), RunInfo(cfg)),
         _blobs(40, 0),
         _blobs(13, 1) if test else None,
         progress=False,

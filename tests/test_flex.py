@@ -34,8 +34,8 @@ def test_flex_equals_dense_without_grad(kind, shape, extra):
     images = random_images(model.config)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # flex really runs: no fallback warning
-        flex_logits = model(images, backend="flex")
-        dense_logits = model(images, backend="dense")
+        flex_logits = model.use_backend("flex")(images)
+        dense_logits = model.use_backend("dense")(images)
     assert torch.allclose(flex_logits, dense_logits, atol=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_mask_mod_and_block_mask_are_the_rule(kind, shape, extra):
 
 def test_mask_mod_on_a_block_mask_with_small_blocks():
     """Blocks smaller than N, so the BlockMask really skips some: still exactly the rule."""
-    pattern = AttentionPattern("local_2d", 8, 16, query_shape=(2, 4), memory_flange=(2, 4))
+    pattern = AttentionPattern.create("local_2d", 8, 16, query_shape=(2, 4), memory_flange=(2, 4))
     n = pattern.num_positions
     block_mask = flex.create_block_mask(pattern.mask_mod(), None, None, n, n, "cpu", BLOCK_SIZE=16)
     assert block_mask.sparsity() > 0
@@ -78,16 +78,16 @@ def test_cpu_with_grad_falls_back_to_blocked(monkeypatch):
     model = ImageTransformer(tiny_config("local_2d", num_heads=4))
     images = random_images(model.config)
     with pytest.warns(UserWarning, match="no backward on the CPU; using the blocked backend"):
-        logits = model(images, backend="flex")
+        logits = model.use_backend("flex")(images)
     logits.square().mean().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model(images, backend="dense").square().mean().backward()
+    model.use_backend("dense")(images).square().mean().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-5), name
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        model(images, backend="flex")
+        model.use_backend("flex")(images)
 
 
 def test_unavailable_flex_falls_back_to_blocked(monkeypatch):
@@ -97,15 +97,15 @@ def test_unavailable_flex_falls_back_to_blocked(monkeypatch):
     images = random_images(model.config)
     with torch.no_grad():
         with pytest.warns(UserWarning, match="no flex_attention here; using the blocked"):
-            out = model(images, backend="flex")
-        assert torch.allclose(out, model(images, backend="blocked"), atol=1e-6)
+            out = model.use_backend("flex")(images)
+        assert torch.allclose(out, model.use_backend("blocked")(images), atol=1e-6)
     pattern = model.pattern
     assert resolve_backend("auto", pattern, "cuda") == "blocked"
 
 
 def test_auto_backend_choice():
-    local = AttentionPattern("local_1d", 4, 18, 8, 8)
-    glob = AttentionPattern("global", 4, 18)
+    local = AttentionPattern.create("local_1d", 4, 18, 8, 8)
+    glob = AttentionPattern.create("global", 4, 18)
     assert resolve_backend("auto", local, torch.device("cpu")) == "blocked"
     assert resolve_backend("auto", glob, "cpu") == "dense"
     assert resolve_backend("auto", local, "cuda") == "flex"
@@ -127,7 +127,7 @@ def test_cuda_flex_equals_dense_forward_and_gradients(kind, shape, extra):
     results = {}
     for backend in ("dense", "flex"):
         model.zero_grad()
-        logits = model(images, backend=backend)
+        logits = model.use_backend(backend)(images)
         (logits.square().mean() + model.loss(images)).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
         results[backend] = (logits.detach(), grads)

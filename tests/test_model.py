@@ -66,7 +66,7 @@ def test_blocked_equals_dense_forward_and_gradients(kind, shape, extra):
     results = {}
     for backend in ("dense", "blocked"):
         model.zero_grad()
-        logits = model(images, backend=backend)
+        logits = model.use_backend(backend)(images)
         (logits.square().mean() + model.loss(images)).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
         results[backend] = (logits.detach(), grads)

@@ -60,7 +60,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind,rows,cols,params", CASES)
 def test_mask_matches_spec(kind, rows, cols, params):
-    pattern = AttentionPattern(kind, rows, cols, **params)
+    pattern = AttentionPattern.create(kind, rows, cols, **params)
     expected_order = spec_generation_order(kind, rows, cols, params.get("query_shape", (2, 3)))
     assert pattern.generation_order.tolist() == expected_order
     assert torch.equal(pattern.dense_mask(), spec_mask(kind, rows, cols, **params))
@@ -69,7 +69,7 @@ def test_mask_matches_spec(kind, rows, cols, params):
 @pytest.mark.parametrize("kind,rows,cols,params", CASES)
 def test_blocked_layout_is_the_dense_mask(kind, rows, cols, params):
     """Scattering the per-block key masks back must give exactly the dense mask."""
-    pattern = AttentionPattern(kind, rows, cols, **params)
+    pattern = AttentionPattern.create(kind, rows, cols, **params)
     key_index, key_mask = pattern.blocked_layout
     n, q = pattern.num_positions, pattern.query_block
     rebuilt = torch.zeros(n, n, dtype=torch.bool)
@@ -82,7 +82,7 @@ def test_blocked_layout_is_the_dense_mask(kind, rows, cols, params):
 
 
 def test_generation_order_is_a_permutation():
-    pattern = AttentionPattern("local_2d", 8, 12, query_shape=(4, 3), memory_flange=(2, 3))
+    pattern = AttentionPattern.create("local_2d", 8, 12, query_shape=(4, 3), memory_flange=(2, 3))
     order = pattern.generation_order
     assert torch.equal(order.sort().values, torch.arange(96))
     # first block is rows 0-3, columns 0-2, in raster order inside the block
@@ -91,38 +91,41 @@ def test_generation_order_is_a_permutation():
 
 def test_local_keys_are_bounded():
     """Local attention reads at most block + memory keys: the point of local attention."""
-    pattern = AttentionPattern("local_1d", 32, 96, block_length=256, memory_length=256)
+    pattern = AttentionPattern.create("local_1d", 32, 96, block_length=256, memory_length=256)
     key_index, _ = pattern.blocked_layout
     assert key_index.shape[1] == 512
     assert pattern.max_keys() == 512
-    p2 = AttentionPattern("local_2d", 32, 96, query_shape=(8, 16), memory_flange=(8, 32))
+    p2 = AttentionPattern.create("local_2d", 32, 96, query_shape=(8, 16), memory_flange=(8, 32))
     assert p2.blocked_layout[0].shape[1] <= 8 * 16 + 8 * (16 + 64) + 8 * 32
 
 
 def test_every_query_sees_itself():
     for kind, rows, cols, params in CASES:
-        mask = AttentionPattern(kind, rows, cols, **params).dense_mask()
+        mask = AttentionPattern.create(kind, rows, cols, **params).dense_mask()
         assert mask.diagonal().all()
         assert not mask.triu(1).any()
 
 
 def test_band_form_only_where_keys_are_one_short_run():
     """Blocks whose keys form one short run of steps read a strided window; others gather."""
-    band = AttentionPattern("local_1d", 4, 6, block_length=5, memory_length=3).banded_layout
+    band = AttentionPattern.create("local_1d", 4, 6, block_length=5, memory_length=3).banded_layout
     assert band is not None and band[:2] == (3, 8)
     # a tall, narrow flange over a wide image: the run would be ~10x the gathered keys
-    sparse = AttentionPattern("local_2d", 8, 64, query_shape=(1, 2), memory_flange=(3, 2))
+    sparse = AttentionPattern.create("local_2d", 8, 64, query_shape=(1, 2), memory_flange=(3, 2))
     assert sparse.banded_layout is None
 
 
 def test_cache_span_is_the_attention_reach():
     """The sampler keeps only the steps later queries can still read."""
-    assert AttentionPattern("local_1d", 28, 28, block_length=56, memory_length=56).cache_span == 112
-    assert AttentionPattern("global", 4, 6).cache_span == 24
-    p2 = AttentionPattern("local_2d", 32, 96, query_shape=(8, 16), memory_flange=(8, 32))
+    assert (
+        AttentionPattern.create("local_1d", 28, 28, block_length=56, memory_length=56).cache_span
+        == 112
+    )
+    assert AttentionPattern.create("global", 4, 6).cache_span == 24
+    p2 = AttentionPattern.create("local_2d", 32, 96, query_shape=(8, 16), memory_flange=(8, 32))
     assert p2.cache_span < 32 * 96 / 2
     for kind, rows, cols, params in CASES:  # no step reads a key older than the span
-        pattern = AttentionPattern(kind, rows, cols, **params)
+        pattern = AttentionPattern.create(kind, rows, cols, **params)
         steps = torch.arange(pattern.num_positions)
         age = (steps[:, None] - steps[None, :]).masked_fill(~pattern.dense_mask(), -1)
         assert age.max() < pattern.cache_span
@@ -131,7 +134,7 @@ def test_cache_span_is_the_attention_reach():
 def test_step_slot_mask_is_the_dense_mask_on_the_ring_buffer():
     """Step i reads slot s exactly when the key of the latest step with slot s is allowed."""
     for kind, rows, cols, params in CASES:
-        pattern = AttentionPattern(kind, rows, cols, **params)
+        pattern = AttentionPattern.create(kind, rows, cols, **params)
         n, span = pattern.num_positions, pattern.cache_span
         dense = pattern.dense_mask()
         expected = torch.zeros(n, span, dtype=torch.bool)

@@ -5,8 +5,10 @@ import torch
 
 from imagetransformer import ImageTransformer, TrainConfig, UserError
 from imagetransformer.data import ImageDataset
+from imagetransformer.evaluation import evaluate
 from imagetransformer.precision import autocast
-from imagetransformer.training import RunInfo, Trainer, evaluate
+from imagetransformer.run import Run, RunInfo
+from imagetransformer.training import Trainer
 
 from .helpers import tiny_config
 
@@ -40,9 +42,7 @@ def test_mixed_precision_training_steps(tmp_path, precision):
         precision=precision,
     )
     trainer = Trainer(
-        tmp_path / precision,
-        tiny_config("local_1d", image_shape=(1, 8, 8)),
-        RunInfo(train=cfg),
+        Run(tmp_path / precision, tiny_config("local_1d", image_shape=(1, 8, 8)), RunInfo(cfg)),
         _digits(),
         None,
         progress=False,

@@ -83,7 +83,7 @@ def test_backends_agree_with_cross_attention():
     grads = {}
     for backend in ("dense", "blocked"):
         model.zero_grad()
-        model(images, backend=backend, low_res=low_res).square().mean().backward()
+        model.use_backend(backend)(images, low_res=low_res).square().mean().backward()
         grads[backend] = {k: p.grad.clone() for k, p in model.named_parameters()}
     for name, grad in grads["dense"].items():
         assert torch.allclose(grad, grads["blocked"][name], atol=1e-5), name

@@ -7,13 +7,9 @@ import torch
 
 from imagetransformer import TrainConfig, UserError
 from imagetransformer.data import ImageDataset, load_dataset
-from imagetransformer.training import (
-    RunInfo,
-    Trainer,
-    batch_indices,
-    evaluate,
-    learning_rate,
-)
+from imagetransformer.evaluation import evaluate
+from imagetransformer.run import Run, RunInfo
+from imagetransformer.training import Trainer, batch_indices, learning_rate
 
 from .helpers import tiny_config
 
@@ -64,7 +60,7 @@ def _trainer(tmp_path, name, train, test, model_overrides=None, **train_override
     config = tiny_config(
         "local_1d", image_shape=(1, 8, 8), **{"dropout": 0.1, **(model_overrides or {})}
     )
-    return Trainer(tmp_path / name, config, info, train, test, progress=False)
+    return Trainer(Run(tmp_path / name, config, info), train, test, progress=False)
 
 
 def test_learning_lowers_bits_per_dim(tmp_path, digits8):
@@ -113,16 +109,19 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, digits8):
     trainer.start_new()
     trainer.fit(log=False)
     other = Trainer(
-        tmp_path / "run",
-        tiny_config("local_1d", image_shape=(1, 8, 8), d_model=32),
-        trainer.info,
+        Run(
+            tmp_path / "run",
+            tiny_config("local_1d", image_shape=(1, 8, 8), d_model=32),
+            trainer.run.info,
+        ),
         train,
         None,
         progress=False,
     )
     with pytest.raises(UserError, match="different model config"):
         other.resume()
-    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # the older copy would stand in
+        (tmp_path / "run" / name).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="checkpoint.pt is corrupt"):
         _trainer(tmp_path, "run", train, None).resume()
     with pytest.raises(UserError, match="already holds a run"):
@@ -145,7 +144,7 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path, digits8):
     train, _ = digits8
     info = RunInfo(train=TrainConfig())
     with pytest.raises(UserError, match="1x8x8 images but the model takes 3x4x6"):
-        Trainer(tmp_path / "x", tiny_config(), info, train, None, progress=False)
+        Trainer(Run(tmp_path / "x", tiny_config(), info), train, None, progress=False)
 
 
 def test_conditional_model_classifies_and_is_no_worse(tmp_path, digits8):

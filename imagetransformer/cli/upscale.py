@@ -1,0 +1,86 @@
+"""`imagetransformer upscale`: sample high-resolution images for low-resolution inputs."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..grid import save_grid
+from ..layout import area_downsample
+from ..superres import superres_rows
+from . import common
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("upscale", help="super-resolution: sample high-resolution images")
+    p.add_argument("run_dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--image",
+        help="a low-resolution image (an image of the output size is downsampled first)",
+    )
+    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
+    p.add_argument("--count", type=int, default=4, help="images taken from --from-split")
+    p.add_argument("--n", type=int, default=4, help="samples per input")
+    p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="upscaled.png", help="PNG grid path")
+    p.add_argument("--npy", help="also save the uint8 samples [count*n, C, H, W] here")
+    common.add_data_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_sampling_options(args)
+    device = common.device(args.device)
+    model = common.open_model(args.run_dir, device)
+    config = model.config
+    if config.task != "superres":
+        raise UserError(
+            f"{args.run_dir} is not a super-resolution run (task={config.task}); train one with "
+            "--task superres (e.g. --preset mnist_sr)"
+        )
+    truth = None
+    if args.image:
+        low_res, truth = _read_low_res(args.image, config)
+    else:
+        truth, _ = common.images_from_split(args)
+        low_res = area_downsample(truth, config.scale)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    started = time.perf_counter()
+    samples = model.upscale(
+        low_res.repeat_interleave(args.n, dim=0).to(device),
+        temperature=args.temperature,
+        generator=generator,
+        progress=True,
+    ).cpu()
+    images, per_row = superres_rows(low_res, samples, config.scale, truth)
+    path = save_grid(images, args.out, nrow=per_row)
+    seconds = time.perf_counter() - started
+    shown = "input (pixels repeated), samples" + (", truth" if truth is not None else "")
+    print(f"wrote {path}: each row is {shown} ({samples.shape[0]} samples, {seconds:.1f} s)")
+    if args.npy:
+        np.save(args.npy, samples.numpy())
+        print(f"wrote {args.npy} (uint8 {list(samples.shape)})")
+    return 0
+
+
+def _read_low_res(path: str, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input of `upscale --image`: an image of the input size is used as it is; one of the
+    output size is area-downsampled (and shown as the truth); others are cropped and resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = config.image_shape
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
+    if size == (w, h):
+        truth = common.read_image(path, config.image_shape)[None]
+        return area_downsample(truth, config.scale), truth
+    return common.read_image(path, config.low_res_shape)[None], None
