@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -31,37 +30,18 @@ from safetensors.torch import save as safetensors_save
 
 from .config import ImageTransformerConfig
 from .errors import UserError
+from .files import current_umask, temp_file_beside  # noqa: F401 (current_umask: API)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 
-_PROC_STATUS = "/proc/self/status"  # Linux >= 4.7 reports the umask here, readable without races
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 # Atomic writes ---------------------------------------------------------------------------------
-def current_umask() -> int:
-    """The process umask, read afresh on every call (another thread or library may change it).
-
-    Linux reports it in /proc/self/status, which changes nothing. Elsewhere the only way is
-    `os.umask(0)` followed by a restore; a file that another thread creates in between those two
-    calls gets wider permissions than it should, so the window is kept to two system calls.
-    """
-    try:
-        with open(_PROC_STATUS, encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Create a temporary file beside `path`, fill it with `write`, fsync it, return its path.
 
@@ -69,15 +49,9 @@ def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     error the temporary file is removed before the error propagates.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
+    fd, tmp = temp_file_beside(path, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            mode = 0o666 & ~current_umask()
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), mode)
-            else:  # pragma: no cover - Windows before Python 3.13
-                os.chmod(tmp, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

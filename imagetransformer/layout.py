@@ -1,4 +1,5 @@
-"""Image <-> sequence (SPEC.md 1.1): one position per channel intensity, channel fastest.
+"""Image <-> sequence (docs/model.md, Representation): one position per channel intensity,
+channel fastest.
 
 An image [C, H, W] becomes a grid of H rows and W*C columns; raster index
 `t = y*(W*C) + C*x + c`. Everything else in the package talks in raster indices or grid cells.
@@ -27,13 +28,6 @@ def raster_channel(image_shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.arange(c * h * w) % c
 
 
-def raster_cells(image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid row and column (column = C*x + c) of every raster position."""
-    c, h, w = image_shape
-    t = torch.arange(c * h * w)
-    return t // (w * c), t % (w * c)
-
-
 def raster_to_yxc(image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
     """Pixel row y, column x and channel c of every raster position."""
     c, h, w = image_shape
@@ -43,7 +37,8 @@ def raster_to_yxc(image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]
 
 def area_downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
     """uint8 [B, C, H, W] -> uint8 [B, C, H/scale, W/scale]: the mean of each scale x scale
-    block, rounded (SPEC.md 5: super-resolution inputs are made by area averaging).
+    block, rounded: super-resolution inputs are made by area averaging (docs/model.md,
+    Conditioning).
 
     Sides must be multiples of `scale`. Rounding (not truncation) keeps the low-resolution
     image unbiased; the mean is taken in float64, so the result is exact.

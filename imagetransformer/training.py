@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -36,7 +36,7 @@ CHECKPOINT_FORMAT = 1
 
 
 def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
-    """SPEC.md 3: noam, `base*10*d^-0.5*min((s+1)*w^-1.5, (s+1)^-0.5)`, peak at s = w.
+    """docs/model.md, Training: noam, `base*10*d^-0.5*min((s+1)*w^-1.5, (s+1)^-0.5)`, peak at s = w.
 
     `cosine` warms up linearly to the same peak, then decays to zero at `max_steps`: for short
     CPU runs that end long before noam's slow decay has done its work.
@@ -50,6 +50,23 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
         return peak * s / w
     progress = min(1.0, (s - w) / max(1, cfg.max_steps - w))
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_update(decay: float):
+    """The update of an exponential moving average of the weights (Polyak averaging), for
+    `torch.optim.swa_utils.AveragedModel`.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, as TensorFlow's
+    `ExponentialMovingAverage(num_updates=)` does: with a fixed 0.999 the average of a
+    600-step run still gives the random initial weights 55% of its mass.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n) -> None:
+        n = int(n)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Adam:
@@ -139,7 +156,7 @@ class Trainer:
         self.model.distribution.check_label_smoothing(self.cfg.label_smoothing)
         # Polyak averaging: evaluation, samples and model.safetensors use the averaged weights
         self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay))
+            AveragedModel(self.model, multi_avg_fn=ema_update(self.cfg.ema_decay))
             if self.cfg.ema_decay > 0
             else None
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagetransformer import checkpoint
+from imagetransformer import checkpoint, files
 from imagetransformer.checkpoint import (
     CHECKPOINT_FILE,
     PREVIOUS_CHECKPOINT_FILE,
@@ -63,11 +63,11 @@ def test_atomic_write_respects_the_umask(tmp_path, umask, mask) -> None:
 
 
 def test_umask_is_read_without_proc(tmp_path, umask, monkeypatch) -> None:
-    monkeypatch.setattr(checkpoint, "_PROC_STATUS", str(tmp_path / "no-such-file"))
+    monkeypatch.setattr(files, "_PROC_STATUS", str(tmp_path / "no-such-file"))
     for mask in (0o002, 0o022):
         umask(mask)
-        assert checkpoint.current_umask() == mask
-        assert checkpoint.current_umask() == mask  # reading it left it as it was
+        assert files.current_umask() == mask
+        assert files.current_umask() == mask  # reading it left it as it was
         atomic_write_bytes(tmp_path / "file.bin", b"x")
         assert _mode(tmp_path / "file.bin") == 0o666 & ~mask
 

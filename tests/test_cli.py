@@ -485,3 +485,91 @@ def test_superres_train_eval_upscale(trained: Path, tmp_path, capsys) -> None:
     assert "truth" not in capsys.readouterr().out
     code = main(["upscale", str(trained), "--image", str(low)])
     _assert_user_error(code, capsys, "not a super-resolution run", "--task superres")
+
+
+# ---------------------------------------------------------------- hardening
+
+
+def test_resume_before_the_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys) -> None:
+    """A run killed before its first checkpoint holds config and logs: --resume restarts it."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "early"
+    assert _train(run, "--set", "max_steps=2")[0] == 0
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "model.safetensors"):
+        (run / name).unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "no checkpoint yet" in out and "step 0" in out
+    assert _checkpoint(run)["step"] == 2
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """The checkpoint of the last good step survives, and the message says how to go on."""
+    import errno
+
+    from imagetransformer import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "full"
+    real_write_temp = checkpoint._write_temp
+
+    def write_temp(path, write):
+        if path.name == "checkpoint.pt" and path.exists():  # the first one fits, then the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_temp(path, write)
+
+    monkeypatch.setattr(checkpoint, "_write_temp", write_temp)
+    code, stdout, stderr = _train(run, "--set", "max_steps=6", "--set", "checkpoint_every=2")
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr
+    for needle in ("No space left", "step 2 is intact", "--resume"):
+        assert needle in lines[0], lines[0]
+    assert _checkpoint(run)["step"] == 2
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_fits_its_default_data(name) -> None:
+    """`train --preset NAME` needs no other flag: the preset's data, converted as the preset
+    says, has the preset's image shape."""
+    from imagetransformer.data import loaded_shape
+    from imagetransformer.presets import load_preset, preset_data_options
+
+    data = preset_data_options(name)
+    shape = loaded_shape(data.name, data.image_size, data.channels)
+    assert shape == tuple(load_preset(name).image_shape)
+
+
+def test_presets_on_embedded_data_build_their_trainer() -> None:
+    """For the presets whose data ships with the package, the real data fits the real trainer."""
+    from imagetransformer.presets import preset_data_options
+    from imagetransformer.run import Run
+    from imagetransformer.training import Trainer
+
+    for name in sorted(PRESETS):
+        if preset_data_options(name).name != "mnist5k":
+            continue
+        run = Run.new(None, name)
+        train, test = run.load_split("train"), run.load_split("test")
+        Trainer(run, train, test, progress=False)  # refuses data that does not fit
+
+
+def test_train_tiny_with_just_the_preset(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--preset", "tiny", "--quiet", "--set", "max_steps=2", *QUICK])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())["image_size"] == 8
+
+
+def test_size_mismatch_suggests_a_preset(tmp_path, monkeypatch, capsys) -> None:
+    """Colour 32x32 images under the default (grey 28x28) preset: the message names rgb32."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    code = main(["train", "--data", str(folder), "--quiet", "--set", "max_steps=1"])
+    _assert_user_error(code, capsys, "3x32x32", "rgb32", "--image-size 28 --channels 1")

@@ -250,10 +250,10 @@ def test_train_config_checks() -> None:
         TrainConfig(label_smoothing=1.0)
 
 
-# ---------------------------------------------------------------- presets (SPEC.md section 7)
+# ---------------------------------------------------------------- presets (docs/model.md, Presets)
 
 # name: image_shape, attention, L, d, F, h, dropout, blocks, batch, lr base, warm-up, classes
-SPEC_TABLE = {
+PAPER_TABLE = {
     "cifar10_1d": ((3, 32, 32), "local_1d", 12, 512, 2048, 4, 0.3, 256, 4, 0.5, 4000, 0),
     "cifar10_2d": (
         (3, 32, 32),
@@ -275,9 +275,9 @@ SPEC_TABLE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE))
 def test_paper_presets_match_spec_table(name: str) -> None:
-    shape, attention, layers, d, f, h, dropout, blocks, batch, lr, warmup, classes = SPEC_TABLE[
+    shape, attention, layers, d, f, h, dropout, blocks, batch, lr, warmup, classes = PAPER_TABLE[
         name
     ]
     config, train = load_preset(name), load_train_preset(name)
@@ -309,7 +309,7 @@ def test_cpu_presets_exist_and_are_small() -> None:
         assert config.d_model <= 64
     assert load_preset("mnist_2d").attention == "local_2d"
     assert DEFAULT_PRESET in PRESETS
-    assert set(SPEC_TABLE) | {"mnist_1d", "mnist_2d", "tiny"} <= set(preset_names())
+    assert set(PAPER_TABLE) | {"mnist_1d", "mnist_2d", "tiny"} <= set(preset_names())
 
 
 def test_unknown_preset_lists_the_names() -> None:
@@ -379,3 +379,8 @@ def test_dmol_and_superres_checks_name_the_fix() -> None:
         ImageTransformerConfig(output="dmol", num_mixtures=0)
     with pytest.raises(UserError, match="task"):
         ImageTransformerConfig(task="denoise")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE))
+def test_paper_presets_do_not_clip_gradients_like_the_reference(name: str) -> None:
+    assert load_train_preset(name).grad_clip == 0.0

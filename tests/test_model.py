@@ -196,3 +196,47 @@ def test_classify_is_bayes_rule():
     assert torch.allclose(posterior, expected, atol=1e-6)
     with pytest.raises(UserError, match="class-conditional"):
         ImageTransformer(tiny_config()).classify(images)
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output):
+    """Feeding an image's own values step by step gives the full forward's distribution at
+    every step: what a lossless codec needs (encoder and decoder see the same numbers)."""
+    config = tiny_config(kind, output=output, num_classes=3)
+    model = ImageTransformer(config).eval()
+    images, labels = random_images(config, batch=2, seed=4), torch.tensor([2, 0])
+    full = model.logits_in_generation_order(images, labels)
+    values = model.to_steps(images)
+    assert torch.equal(model.from_steps(values), images)
+    with model.evaluating():
+        state = model.start_decoding(2, labels)
+        for step in range(config.num_positions):
+            previous = values[:, step - 1] if step else None
+            params = model.decode_step(state, step, previous)
+            assert torch.allclose(params, full[:, step], atol=1e-5), step
+        with pytest.raises(ValueError, match="expected step"):
+            model.decode_step(state, 0, None)
+
+
+def test_likelihoods_are_exact_in_train_mode():
+    """Dropout is off inside bits_per_dim and classify, whatever mode the model is in."""
+    config = tiny_config("local_1d", dropout=0.5, num_classes=2)
+    model = ImageTransformer(config)
+    images = random_images(config, batch=3)
+    model.eval()
+    bpd, posterior = model.bits_per_dim(images, torch.tensor([0, 1, 1])), model.classify(images)
+    model.train()
+    assert torch.equal(model.bits_per_dim(images, torch.tensor([0, 1, 1])), bpd)
+    assert torch.equal(model.classify(images), posterior)
+    assert model.training  # the mode is given back
+
+
+def test_use_backend_switches_every_attention_module():
+    model = ImageTransformer(tiny_config("local_2d"))
+    images = random_images(model.config)
+    blocked = model.use_backend("blocked")(images)
+    assert model.config.backend == "blocked"
+    assert torch.allclose(model.use_backend("dense")(images), blocked, atol=1e-5)
+    with pytest.raises(UserError, match="unknown backend"):
+        model.use_backend("fast")

@@ -1,4 +1,5 @@
-"""The mixture-of-logistics output (SPEC.md 1.2, 4.2): normalization, exactness, sampling."""
+"""The mixture-of-logistics output (docs/model.md, Heads: dmol): normalization, exactness,
+sampling."""
 
 import math
 

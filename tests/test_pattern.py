@@ -1,4 +1,4 @@
-"""The attention rule: an independent reading of SPEC.md section 2 against `pattern.py`."""
+"""The attention rule: an independent reading of docs/model.md (Attention) against `pattern.py`."""
 
 import itertools
 
@@ -24,7 +24,8 @@ def spec_generation_order(kind, rows, cols, query_shape):
 def spec_mask(
     kind, rows, cols, block_length=4, memory_length=4, query_shape=(2, 3), memory_flange=(1, 2)
 ):
-    """SPEC.md 2.1-2.3 written out with loops over cells, sharing no code with the package."""
+    """docs/model.md's global, local_1d and local_2d rules written out with loops over cells,
+    sharing no code with the package."""
     order = spec_generation_order(kind, rows, cols, query_shape)
     n = rows * cols
     mask = torch.zeros(n, n, dtype=torch.bool)

@@ -1,5 +1,6 @@
-"""Super-resolution (SPEC.md 2.4, 5): an encoder over the low-resolution image, a decoder that
-attends to it; causality, conditioning, samplers and learning."""
+"""Super-resolution (docs/model.md, Conditioning: Super-resolution): an encoder over the
+low-resolution image, a decoder that attends to it; causality, conditioning, samplers and
+learning."""
 
 import pytest
 import torch

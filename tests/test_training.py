@@ -174,3 +174,49 @@ def test_conditional_model_classifies_and_is_no_worse(tmp_path, digits8):
     # measured: accuracy 0.51 (chance 0.1); bits/dim 3.037 conditional vs 3.064 unconditional
     assert accuracy.mean() > 0.35
     assert results[10] <= results[0]
+
+
+def test_moving_average_is_evaluated_saved_and_resumed(tmp_path, digits8):
+    """With ema_decay the checkpoint holds raw and averaged weights, model.safetensors the
+    average, and a resumed run ends with the same average as an unbroken one."""
+    from safetensors.torch import load_file
+
+    train, test = digits8
+    straight = _trainer(tmp_path, "straight", train, test, max_steps=12, ema_decay=0.9)
+    straight.start_new()
+    result = straight.fit(log=False)
+    averaged = straight.ema.module
+    saved = load_file(tmp_path / "straight" / "model.safetensors")
+    for name, value in averaged.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    raw = dict(straight.model.named_parameters())
+    assert any(not torch.equal(p, raw[n]) for n, p in averaged.named_parameters())
+    assert result["bits_per_dim"] == pytest.approx(evaluate(averaged, test)["bits_per_dim"])
+    assert result["bits_per_dim_raw_weights"] == pytest.approx(
+        evaluate(straight.model, test)["bits_per_dim"]
+    )
+    checkpoint = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    assert {"model", "ema"} <= set(checkpoint)
+
+    first = _trainer(tmp_path, "broken", train, test, max_steps=5, ema_decay=0.9)
+    first.start_new()
+    first.fit(log=False)
+    resumed = _trainer(tmp_path, "broken", train, test, max_steps=12, ema_decay=0.9)
+    resumed.resume()
+    resumed.fit(log=False)
+    for (name, a), (_, b) in zip(
+        averaged.named_parameters(), resumed.ema.module.named_parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_moving_average_warms_up():
+    """The decay grows as (1 + n) / (10 + n): early weights fade fast in a short run."""
+    from imagetransformer.training import ema_update
+
+    average, current = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(0.999)(average, current, torch.tensor(1))
+    assert torch.allclose(average[0], torch.full((3,), 1 - 2 / 11))
+    average = [torch.zeros(3)]
+    ema_update(0.5)(average, current, torch.tensor(1000))
+    assert torch.allclose(average[0], torch.full((3,), 0.5))

@@ -15,7 +15,7 @@ from . import celeba, cifar10, folder, imagenet, mnist5k
 from .dataset import ImageDataset
 from .resize import check_options, conform
 
-__all__ = ["DATASET_NAMES", "ImageDataset", "default_root", "load_dataset"]
+__all__ = ["DATASET_NAMES", "ImageDataset", "default_root", "load_dataset", "loaded_shape"]
 
 SPLITS = ("train", "test")
 DATA_ROOT_ENV = "IMAGETRANSFORMER_DATA"
@@ -34,6 +34,22 @@ _SIZED: dict[str, Callable[[str, Path, bool, int | None], ImageDataset]] = {
     celeba.NAME: celeba.load,
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILTIN)
+# [C, H, W] of every built-in set as loaded (CelebA: at its default size)
+NATIVE_SHAPES: dict[str, tuple[int, int, int]] = {
+    mnist5k.NAME: (1, 28, 28),
+    cifar10.NAME: (3, 32, 32),
+    celeba.NAME: (3, celeba.DEFAULT_SIZE, celeba.DEFAULT_SIZE),
+    **{name: (3, int(name[8:10]), int(name[8:10])) for name in imagenet.NAMES},
+}
+
+
+def loaded_shape(
+    name: str, image_size: int | None = None, channels: int | None = None
+) -> tuple[int, int, int]:
+    """The [C, H, W] that `load_dataset(name, image_size=, channels=)` gives, without loading."""
+    c, h, w = NATIVE_SHAPES[name]
+    side = h if image_size is None and h == w else (image_size or max(h, w))
+    return (c if channels is None else channels, side, side)
 
 
 def default_root() -> Path:

@@ -14,7 +14,6 @@ import os
 import pickle
 import pickletools
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import temp_file_beside
 from .dataset import ImageDataset
 
 NAME = "cifar10"
@@ -89,9 +89,8 @@ def download_archive(dest: Path) -> None:
     A crash or a bad download never leaves a partial or wrong file where loading would find it.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    fd, tmp = temp_file_beside(dest, prefix=dest.name + ".", suffix=".part")
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         try:
             _fetch(URL, tmp)

@@ -11,7 +11,6 @@ import errno
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import temp_file_beside
 from .dataset import ImageDataset, _check_labels
 
 CACHE_VERSION = 1
@@ -160,10 +160,9 @@ def write_cache(
     need = math.prod(shape)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+        fd, tmp = temp_file_beside(path, prefix=path.name + ".", suffix=".part")
     except OSError as e:
         raise _write_error(path, need, e) from None
-    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "r+b") as f:
             _reserve(f, need, path)
@@ -242,13 +241,13 @@ def _install(
 
 
 def _atomic_write(dest: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    fd, tmp = temp_file_beside(dest, prefix=dest.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp_name, dest)
+        os.replace(tmp, dest)
     finally:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, size: int, e: OSError) -> UserError:

@@ -1,4 +1,5 @@
-"""The `flex` backend: torch flex_attention under a BlockMask built from the pattern's rule."""
+"""Attention backends compute one function: dense, blocked and flex (flex_attention under a
+BlockMask built from the pattern's rule)."""
 
 import warnings
 
