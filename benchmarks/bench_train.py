@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-# The paper's block sizes (SPEC.md section 7) on a model small enough for a CPU.
+# The paper's block sizes (docs/model.md, Presets) on a model small enough for a CPU.
 ATTENTION = {
     "local_1d": dict(attention="local_1d", block_length=256, memory_length=256),
     "local_2d": dict(attention="local_2d", query_shape=(8, 16), memory_flange=(8, 32)),

@@ -16,11 +16,12 @@ from ..run import DataOptions, Run
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
     "backend is the fastest mode we measured (bf16 autocast is ~10x slower without bf16 "
-    "hardware; torch.compile gave no gain)."
+    "hardware and 1.3-1.6x slower with it, for the CPU presets; torch.compile gave no gain)."
 )
 PRECISION_HELP = (
     "compute precision through autocast (bits/dim is always reduced in float32); fp32 is the "
-    "default because bf16 autocast was ~10x slower on a CPU without bf16 hardware"
+    "default because bf16 autocast was slower on every CPU measured (~10x without bf16 "
+    "hardware, 1.3-1.6x with AVX-512 bf16)"
 )
 
 
