@@ -76,6 +76,12 @@ def barrier(context: Context) -> None:
         dist.barrier()
 
 
-def teardown(context: Context) -> None:
+def teardown(context: Context, synchronize: bool = False) -> None:
+    """Leave the process group. `synchronize` (the normal end of a job): first wait until every
+    process is here, so that none destroys the group while another still has a collective in
+    flight (with gloo that aborted a worker now and then). On an error path, leave at once: the
+    other processes may never arrive, and torchrun stops them when this one exits."""
     if context.active and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -94,14 +94,16 @@ def _two_process_runs(base: str) -> None:
             torch.manual_seed(100 + context.rank)
         trainer.fit(log=False)
 
+    finished = False
     try:
         _train(os.path.join(base, "two"), 4, 1, context)
         run("straight", 4, 0.1)
         run("broken", 2, 0.1)
         run("broken", 4, 0.1, resume=True)
         run("plain", 2, 0.0)
+        finished = True
     finally:
-        distributed.teardown(context)
+        distributed.teardown(context, synchronize=finished)
 
 
 def _worker(rank: int, world_size: int, port: int, job: Callable[[str], None], arg: str) -> None:

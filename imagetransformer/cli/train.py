@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     test_set = the_run.load_split("test", options)
     context, device = distributed.setup(common.device(args.device))
     say = print if context.is_main else (lambda *a, **k: None)
+    finished = False
     try:
         trainer = Trainer(
             the_run, train_set, test_set, device=device, progress=not args.quiet, context=context
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             f"{result.get('bits_per_dim', float('nan')):.4f}{averaged}; samples "
             f"{result.get('samples', '-')}"
         )
+        finished = True
     finally:
-        distributed.teardown(context)
+        distributed.teardown(context, synchronize=finished)
     return 0
