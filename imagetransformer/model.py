@@ -170,7 +170,6 @@ class ImageTransformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        c, _, _ = config.image_shape
         d = config.d_model
         self.pattern = AttentionPattern.from_config(config)
         order = self.pattern.generation_order
@@ -195,8 +194,7 @@ class ImageTransformer(nn.Module):
             Block(config, cross_attention=superres) for _ in range(config.num_layers)
         )
         self.final_norm = nn.LayerNorm(d, eps=LN_EPS) if config.norm_first else nn.Identity()
-        head_bias = self.distribution.head_bias
-        self.head = nn.Linear(d, self.distribution.num_params, bias=head_bias)
+        self.head = nn.Linear(d, self.distribution.num_params, bias=self.distribution.head_bias)
         self.reset_parameters()
 
     # Initialisation ----------------------------------------------------------------------------

@@ -82,11 +82,12 @@ def images_from_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
     return dataset.batch(torch.arange(min(args.count, len(dataset))))
 
 
-def check_sampling_options(args: argparse.Namespace) -> None:
-    if getattr(args, "n", 1) < 1 or getattr(args, "count", 1) < 1:
+def check_sampling_options(n: int, temperature: float, count: int = 1) -> None:
+    """Refuse sample counts below one and negative temperatures."""
+    if n < 1 or count < 1:
         raise UserError("--n and --count must be at least 1")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:

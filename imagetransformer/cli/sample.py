@@ -31,11 +31,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
     if args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UserError("--top-k must be >= 0 (0: off) and --top-p in (0, 1] (1: off)")
-    common.check_sampling_options(args)
+    common.check_sampling_options(args.n, args.temperature)
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
     labels = None

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.check_sampling_options(args)
+    common.check_sampling_options(args.n, args.temperature, args.count)
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
     config = model.config
