@@ -54,6 +54,7 @@ RESUMABLE_SETTINGS = (
     "batch_size",
     "grad_accum",
     "backend",  # a model setting, but every backend computes the same function
+    "ema_decay",  # the average follows the steps; it does not change them
 )
 # model settings that do not change the function, so a checkpoint may be resumed with others
 FUNCTION_NEUTRAL = ("backend",)

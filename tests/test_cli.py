@@ -573,3 +573,14 @@ def test_size_mismatch_suggests_a_preset(tmp_path, monkeypatch, capsys) -> None:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     code = main(["train", "--data", str(folder), "--quiet", "--set", "max_steps=1"])
     _assert_user_error(code, capsys, "3x32x32", "rgb32", "--image-size 28 --channels 1")
+
+
+def test_resume_may_start_a_moving_average(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "avg"
+    assert _train(run, "--set", "max_steps=2")[0] == 0
+    argv = ["train", "--resume", "--out", str(run), "--quiet", "--set", "max_steps=4"]
+    assert main([*argv, "--set", "ema_decay=0.9"]) == 0
+    state = _checkpoint(run)
+    assert state["step"] == 4 and "ema" in state
+    assert "raw weights" in capsys.readouterr().out
