@@ -58,6 +58,15 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
 
 
+def add_image_source(parser: argparse.ArgumentParser, image_help: str) -> None:
+    """--image FILE or --from-split SPLIT (its first --count images): the inputs of a verb that
+    works on given images."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help=image_help)
+    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
+    parser.add_argument("--count", type=int, default=4, help="images taken from --from-split")
+
+
 def data_options(args: argparse.Namespace) -> DataOptions:
     return DataOptions(args.image_size, args.channels, args.download)
 

@@ -15,10 +15,7 @@ from . import common
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("complete", help="keep the top of images, sample the rest")
     p.add_argument("run_dir")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="an image file (resized to the model's size)")
-    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
-    p.add_argument("--count", type=int, default=4, help="images taken from --from-split")
+    common.add_image_source(p, "an image file (resized to the model's size)")
     p.add_argument(
         "--keep",
         type=float,

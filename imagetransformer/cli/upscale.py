@@ -18,13 +18,9 @@ from . import common
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("upscale", help="super-resolution: sample high-resolution images")
     p.add_argument("run_dir")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--image",
-        help="a low-resolution image (an image of the output size is downsampled first)",
+    common.add_image_source(
+        p, "a low-resolution image (an image of the output size is downsampled first)"
     )
-    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
-    p.add_argument("--count", type=int, default=4, help="images taken from --from-split")
     p.add_argument("--n", type=int, default=4, help="samples per input")
     p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
