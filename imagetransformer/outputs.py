@@ -83,6 +83,11 @@ class OutputDistribution(ABC):
         """Nats of every scored element in float32, from `params_to_images` parameters."""
 
     @abstractmethod
+    def nll_per_subpixel(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Nats of every channel intensity [B, C, H, W], float64, summing to the image's `nll`:
+        the surprise of each sub-pixel given everything generated before it."""
+
+    @abstractmethod
     def draw(
         self,
         params: torch.Tensor,
@@ -183,6 +188,10 @@ class Categorical(OutputDistribution):
             reduction="none",
             label_smoothing=label_smoothing,
         ).view(targets.shape)
+
+    def nll_per_subpixel(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Every sub-pixel is its own position: its nats as `nll` gives them."""
+        return self.nll(params, images).double()
 
     def draw(
         self,
@@ -341,6 +350,18 @@ class LogisticMixture(OutputDistribution):
         logits, _, _, _ = self.split(params)
         joint = torch.log_softmax(logits, dim=-1) + self.component_log_probs(params, images).sum(-1)
         return -torch.logsumexp(joint, dim=-1)
+
+    def nll_per_subpixel(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """A pixel's nats spread over its channels by the chain rule of the mixture itself:
+        channel c gets -log p(x_c | x_<c) = -log p(x_<=c) + log p(x_<c), where
+        p(x_<=c) = sum_k pi_k prod_{c' <= c} p_k(x_c'). Exact: the channels add up to `nll`
+        (red carries the mixture's marginal, green and blue what is left)."""
+        logits, _, _, _ = self.split(params)
+        log_pi = torch.log_softmax(logits.double(), dim=-1)  # [B, H, W, K]
+        per_channel = self.component_log_probs(params, images).double()  # [B, H, W, K, C]
+        prefix = torch.logsumexp(log_pi[..., None] + per_channel.cumsum(-1), dim=-2)  # [B,H,W,C]
+        conditional = prefix - F.pad(prefix[..., :-1], (1, 0))
+        return -rearrange(conditional, "b h w c -> b c h w")
 
     def draw(
         self,

@@ -240,3 +240,55 @@ def test_use_backend_switches_every_attention_module():
     assert torch.allclose(model.use_backend("dense")(images), blocked, atol=1e-5)
     with pytest.raises(UserError, match="unknown backend"):
         model.use_backend("fast")
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bits_per_subpixel_average_to_bits_per_dim(kind, output):
+    config = tiny_config(kind, output=output, dropout=0.3)
+    model = ImageTransformer(config)  # train mode: the figures must not depend on it
+    images = random_images(config, batch=3, seed=5)
+    per_subpixel = model.bits_per_subpixel(images)
+    assert per_subpixel.shape == (3, *config.image_shape) and per_subpixel.dtype == torch.float32
+    assert (per_subpixel > 0).all()
+    mean = per_subpixel.double().flatten(1).mean(1)
+    assert torch.allclose(mean, model.bits_per_dim(images).double(), rtol=0, atol=1e-6)
+
+
+def test_dmol_channel_bits_are_the_chain_rule_of_the_mixture():
+    """Red gets -log2 of the mixture's marginal of red; red + green the marginal of both."""
+    config = tiny_config("local_1d", output="dmol", image_shape=(3, 2, 3), num_mixtures=3)
+    model = ImageTransformer(config).eval()
+    images = random_images(config, batch=2, seed=6)
+    bits = model.bits_per_subpixel(images).double()
+    with torch.no_grad():
+        params = model(images)
+        dist = model.distribution
+        logits, _, _, _ = dist.split(params)
+        per_channel = dist.component_log_probs(params, images.long()).double()
+        log_pi = torch.log_softmax(logits.double(), -1)
+        red = -torch.logsumexp(log_pi + per_channel[..., 0], -1) / math.log(2)
+        red_green = -torch.logsumexp(log_pi + per_channel[..., :2].sum(-1), -1) / math.log(2)
+    assert torch.allclose(bits[:, 0], red, atol=1e-5)
+    assert torch.allclose(bits[:, 0] + bits[:, 1], red_green, atol=1e-5)
+
+
+def test_marginal_bits_of_a_conditional_model_sum_to_the_mixture_over_classes():
+    """Without labels a class-conditional model scores p(x) = sum_y p(y) p(x | y), spread over
+    the steps by the posterior over classes given the earlier steps."""
+    config = tiny_config("local_2d", num_classes=3)
+    model = ImageTransformer(config).eval()
+    torch.nn.init.normal_(model.class_embed.weight, std=0.5)  # classes that matter
+    images = random_images(config, batch=2, seed=7)
+    prior = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    marginal = model.bits_per_subpixel(images, log_prior=prior).double().flatten(1).sum(1)
+    per_class = torch.stack(
+        [
+            -model.bits_per_dim(images, torch.full((2,), y)).double() * images[0].numel()
+            for y in range(3)
+        ],
+        dim=1,
+    )  # log2 p(x | y)
+    expected = -torch.logsumexp((per_class * math.log(2)) + prior, 1) / math.log(2)
+    assert torch.allclose(marginal, expected, atol=1e-3)
+    assert not torch.allclose(marginal, -per_class[:, 0], atol=1e-2)
