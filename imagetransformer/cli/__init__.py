@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import complete, evaluate, presets, sample, train, upscale
+from . import complete, evaluate, presets, sample, score, train, upscale
 
-VERBS = (train, evaluate, sample, complete, upscale, presets)
+VERBS = (train, evaluate, sample, complete, upscale, score, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""`imagetransformer score`: per-image and per-sub-pixel bits of a data set under a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from ..evaluation import class_log_prior
+from ..run import check_data_fits
+from ..tools.score import score, write_report
+from . import common
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("score", help="bits of every image and sub-pixel, with plots")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="data set or path (default: the one the run trained on)")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--out", help="report folder (default: RUN_DIR/scores)")
+    p.add_argument(
+        "--marginal",
+        action="store_true",
+        help="class-conditional models: score p(x) summed over the classes instead of p(x | y)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    common.add_data_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.limit < 0:
+        raise UserError("--batch-size must be at least 1 and --limit at least 0")
+    model = common.open_model(args.run_dir, common.device(args.device))
+    the_run = common.open_run(args.run_dir)
+    options = common.data_options(args)
+    spec = args.data or (the_run.info.data if the_run else None)
+    if spec is None:
+        raise UserError(f"{args.run_dir} has no run.json: pass --data NAME|PATH")
+    options = the_run.info.data_options(options) if the_run else options
+    dataset = options.load(spec, args.split)
+    check_data_fits(model.config, dataset, training=False)
+    log_prior = None
+    if args.marginal and model.config.num_classes and the_run is not None:
+        train_labels = options.load(the_run.info.data, "train").labels
+        log_prior = class_log_prior(train_labels, model.config.num_classes)
+    scores = score(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        marginal=args.marginal,
+        log_prior=log_prior,
+        max_images=args.limit,
+        progress=True,
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "scores"
+    summary = scores.summary()
+    written = write_report(scores, out)
+    print(
+        f"{spec} {args.split}: {summary['images']} images, mean {summary['mean_bits_per_dim']:.4f}"
+        f" bits/dim (median {summary['median_bits_per_dim']:.4f}); wrote "
+        + ", ".join(str(p) for p in written)
+    )
+    return 0
