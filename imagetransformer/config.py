@@ -174,6 +174,7 @@ class TrainConfig:
     lr_schedule: str = "noam"  # noam (paper), or cosine: same warm-up, then cosine decay to 0
     grad_clip: float = 1.0  # max global gradient norm; 0 disables (the paper presets: 0)
     ema_decay: float = 0.0  # moving average of the weights, evaluated and saved; 0 disables
+    input_noise: float = 0.0  # fraction of training intensities replaced by uniform noise
     label_smoothing: float = 0.0  # training loss only; evaluation never smooths
     seed: int = 0
     eval_every: int = 500  # steps between test bits/dim evaluations (0: only at the end)
@@ -202,6 +203,8 @@ class TrainConfig:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
         _choice("precision", self.precision, tuple(PRECISIONS))
+        if not 0.0 <= self.input_noise < 1.0:
+            raise UserError(f"input_noise must be in [0, 1) (0: off), got {self.input_noise}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:

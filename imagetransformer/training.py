@@ -69,6 +69,17 @@ def ema_update(decay: float):
     return update
 
 
+def perturb(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Replace each intensity by a uniform random one with probability `fraction`: the
+    training data of a background model for the likelihood-ratio test (Ren et al., NeurIPS
+    2019). Draws from the global RNG, which checkpoints hold, so resuming stays exact."""
+    if fraction <= 0:
+        return images
+    replace = torch.rand(images.shape, device=images.device) < fraction
+    noise = torch.randint(0, 256, images.shape, device=images.device, dtype=images.dtype)
+    return torch.where(replace, noise, images)
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Adam:
     """Adam with the paper's betas (0.9, 0.98) and eps 1e-9, no weight decay."""
     return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
@@ -284,7 +295,7 @@ class Trainer:
         total_loss = 0.0
         for m, idx in enumerate(micro):
             images, labels = self.train_set.batch(idx)
-            images = images.to(self.device)
+            images = perturb(images.to(self.device), cfg.input_noise)
             labels = (
                 labels.to(self.device) if self.config.num_classes and labels is not None else None
             )

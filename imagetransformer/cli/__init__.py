@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import complete, evaluate, presets, sample, score, train, upscale
+from . import complete, evaluate, ood, presets, sample, score, train, upscale
 
-VERBS = (train, evaluate, sample, complete, upscale, score, presets)
+VERBS = (train, evaluate, sample, complete, upscale, score, ood, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:
