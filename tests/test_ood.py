@@ -98,3 +98,23 @@ def test_input_noise_perturbs_training_images():
     changed = (noisy != images).float().mean()
     assert 0.15 < changed < 0.25  # 20% replaced, a few by 0 itself
     assert torch.equal(perturb(images, 0.0), images)
+
+
+def test_black_images_fool_raw_likelihood_and_input_complexity_fixes_it(runs):
+    """The phenomenon (Nalisnick et al.): a digits model finds an all-black image more likely
+    than digits, so raw bits/dim calls it in-distribution; subtracting PNG's bits fixes it."""
+    from imagetransformer import ImageTransformer
+    from imagetransformer.tools.ood import ood_scores
+    from imagetransformer.tools.score import score
+
+    model = ImageTransformer.from_pretrained(runs[0])
+    digits = load_dataset("mnist5k", "test", image_size=8)
+    digits = type(digits)(digits.images[:100], None, None, "digits")
+    black = type(digits)(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), None, None, "black")
+    scores = {}
+    for name, data in (("in", digits), ("out", black)):
+        bits = score(model, data).bits_per_dim
+        scores[name] = ood_scores(bits, png_bits_per_dim(data.images), None)
+    raw = auroc(scores["in"]["bits/dim"], scores["out"]["bits/dim"])
+    fixed = auroc(scores["in"]["input complexity"], scores["out"]["input complexity"])
+    assert raw < 0.1 and fixed > 0.9, (raw, fixed)
