@@ -292,3 +292,13 @@ def test_marginal_bits_of_a_conditional_model_sum_to_the_mixture_over_classes():
     expected = -torch.logsumexp((per_class * math.log(2)) + prior, 1) / math.log(2)
     assert torch.allclose(marginal, expected, atol=1e-3)
     assert not torch.allclose(marginal, -per_class[:, 0], atol=1e-2)
+
+
+def test_bits_per_subpixel_of_a_superres_model_are_given_the_downsampled_copy():
+    config = tiny_config("local_1d", image_shape=(3, 4, 4), task="superres", scale=2)
+    model = ImageTransformer(config).eval()
+    images = random_images(config, batch=2, seed=8)
+    bits = model.bits_per_subpixel(images)
+    assert torch.allclose(bits.double().flatten(1).mean(1), model.bits_per_dim(images).double())
+    black = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    assert not torch.allclose(model.bits_per_subpixel(images, low_res=black), bits)
