@@ -82,6 +82,19 @@ def open_run(run_dir: str) -> Run | None:
     return Run.open(run) if (run / "run.json").is_file() else None
 
 
+def data_for_run(
+    args: argparse.Namespace, given: str | None
+) -> tuple[str, DataOptions, Run | None]:
+    """The data set to read (`given`, else the run's own) and how to convert it (as the run was
+    trained, with --image-size/--channels taking precedence); and the run, if recorded."""
+    the_run = open_run(args.run_dir)
+    spec = given or (the_run.info.data if the_run else None)
+    if spec is None:
+        raise UserError(f"{args.run_dir} has no run.json: name the data set (--data NAME|PATH)")
+    options = data_options(args)
+    return spec, (the_run.info.data_options(options) if the_run else options), the_run
+
+
 def images_from_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first `--count` images (and labels) of `--from-split` of the run's data."""
     the_run = open_run(args.run_dir)

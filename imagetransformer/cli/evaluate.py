@@ -48,12 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.limit < 0:
         raise UserError("--batch-size must be at least 1 and --limit at least 0")
     model = common.open_model(args.run_dir, common.device(args.device))
-    the_run = common.open_run(args.run_dir)
-    options = common.data_options(args)
-    spec = args.data or (the_run.info.data if the_run else None)
-    if spec is None:
-        raise UserError(f"{args.run_dir} has no run.json: pass --data NAME|PATH")
-    options = the_run.info.data_options(options) if the_run else options
+    spec, options, the_run = common.data_for_run(args, args.data)
     dataset = options.load(spec, args.split)
     check_data_fits(model.config, dataset, training=False)
     started = time.perf_counter()

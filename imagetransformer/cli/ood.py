@@ -53,12 +53,7 @@ def run(args: argparse.Namespace) -> int:
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
     background = common.open_model(args.background, device) if args.background else None
-    the_run = common.open_run(args.run_dir)
-    options = common.data_options(args)
-    options = the_run.info.data_options(options) if the_run else options
-    in_spec = args.in_data or (the_run.info.data if the_run else None)
-    if in_spec is None:
-        raise UserError(f"{args.run_dir} has no run.json: pass --in NAME|PATH")
+    in_spec, options, _ = common.data_for_run(args, args.in_data)
     in_set = options.load(in_spec, args.split)
     if args.limit:
         in_set = _first(in_set, args.limit)
