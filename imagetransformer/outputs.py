@@ -98,6 +98,19 @@ class OutputDistribution(ABC):
     ) -> torch.Tensor:
         """One value [B, *value_shape] per row of parameters [B, P]; temperature 0: the mode."""
 
+    @abstractmethod
+    def value_probabilities(
+        self, params: torch.Tensor, value: torch.Tensor, channel: int
+    ) -> torch.Tensor:
+        """P(symbol `channel` of a position = v) for v in 0..255, float64 [B, 256], given the
+        head's parameters [B, P] and the position's earlier symbols (`value[:, :channel]`):
+        what an entropy coder needs, symbol by symbol."""
+
+    @property
+    def symbols_per_position(self) -> int:
+        """Symbols (intensities) coded at one position, one after the other."""
+        return math.prod(self.value_shape)
+
     def check_sampling(self, top_k: int, top_p: float) -> None:
         """Refuse filtering options this output cannot honour (before sampling starts)."""
         if (top_k or top_p < 1.0) and not self.supports_filtering:
@@ -192,6 +205,11 @@ class Categorical(OutputDistribution):
     def nll_per_subpixel(self, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Every sub-pixel is its own position: its nats as `nll` gives them."""
         return self.nll(params, images).double()
+
+    def value_probabilities(
+        self, params: torch.Tensor, value: torch.Tensor, channel: int
+    ) -> torch.Tensor:
+        return torch.softmax(params.double(), dim=-1)
 
     def draw(
         self,
@@ -362,6 +380,28 @@ class LogisticMixture(OutputDistribution):
         prefix = torch.logsumexp(log_pi[..., None] + per_channel.cumsum(-1), dim=-2)  # [B,H,W,C]
         conditional = prefix - F.pad(prefix[..., :-1], (1, 0))
         return -rearrange(conditional, "b h w c -> b c h w")
+
+    def value_probabilities(
+        self, params: torch.Tensor, value: torch.Tensor, channel: int
+    ) -> torch.Tensor:
+        """Channel `channel` of a pixel given its earlier channels: the components weighted by
+        their posterior given those channels, each coupled to them."""
+        logits, locs, log_scales, coeffs = self.split(params)  # [B, K], [B, K, C], ...
+        x = to_unit_interval(value)[:, None, :]  # [B, 1, C]: the same pixel for every component
+        log_w = torch.log_softmax(logits, dim=-1).double()
+        for earlier in range(channel):
+            mean = self.coupled_mean(locs, coeffs, x, earlier)
+            log_w = (
+                log_w
+                + discretized_logistic_log_prob(
+                    x[..., earlier], mean, log_scales[..., earlier]
+                ).double()
+            )
+        mean = self.coupled_mean(locs, coeffs, x, channel)[..., None]  # [B, K, 1]
+        grid = to_unit_interval(torch.arange(256, device=params.device))  # [256]
+        per_value = discretized_logistic_log_prob(grid, mean, log_scales[..., channel, None])
+        joint = torch.log_softmax(log_w, dim=-1)[..., None] + per_value.double()
+        return torch.exp(torch.logsumexp(joint, dim=1))
 
     def draw(
         self,

@@ -7,6 +7,7 @@ another number of processes as long as the global batch per step stays the same.
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,6 +117,12 @@ def _worker(rank: int, world_size: int, port: int, job: Callable[[str], None], a
     )
     torch.set_num_threads(1)
     job(arg)
+    # Leave without interpreter finalization: a gloo worker now and then aborted at exit
+    # ("terminate called without an active exception") after its job had finished and its
+    # process group was destroyed; the job's own failures still propagate above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import complete, evaluate, ood, presets, sample, score, train, upscale
+from . import codec, complete, evaluate, ood, presets, sample, score, train, upscale
 
-VERBS = (train, evaluate, sample, complete, upscale, score, ood, presets)
+VERBS = (train, evaluate, sample, complete, upscale, score, ood, codec, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,109 @@
+"""`imagetransformer compress` / `decompress`: lossless image files coded with the model."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..checkpoint import atomic_write_bytes
+from ..data.folder import EXTENSIONS
+from ..data.resize import check_options, pil_mode, square_resize
+from ..errors import UserError
+from ..tools.codec import compress, decompress
+from . import common
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("compress", help="compress images losslessly with a model")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument("-o", "--output", required=True, help="the .itc file to write")
+    p.add_argument("--batch-size", type=int, default=16, help="images coded side by side")
+    p.add_argument("--image-size", type=int, help="resize images to this side first")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 or 3 channels")
+    common.add_device(p)
+    p.set_defaults(func=run_compress)
+    d = subparsers.add_parser("decompress", help="decode an .itc file back to PNG images")
+    d.add_argument("run_dir")
+    d.add_argument("file", help="the .itc file")
+    d.add_argument("-o", "--output", required=True, help="folder for the decoded PNG images")
+    common.add_device(d)
+    d.set_defaults(func=run_decompress)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    check_options(args.image_size, args.channels)
+    model = common.open_model(args.run_dir, common.device(args.device))
+    paths = _image_paths(args.images)
+    images = _read(paths, args.image_size, args.channels, tuple(model.config.image_shape))
+    result = compress(model, images, batch_size=args.batch_size)
+    atomic_write_bytes(args.output, result.data)
+    print(
+        f"wrote {args.output}: {result.images} images, {len(result.data)} bytes, "
+        f"{result.bits_per_dim:.4f} bits/dim (headers included)"
+    )
+    return 0
+
+
+def run_decompress(args: argparse.Namespace) -> int:
+    model = common.open_model(args.run_dir, common.device(args.device))
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {args.file} ({err.strerror or err})") from None
+    images = decompress(model, data, source=args.file)  # checked before anything is written
+    out = Path(args.output)
+    for i, image in enumerate(images.numpy()):
+        array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+        atomic_write_bytes(out / f"image_{i:05d}.png", buffer.getvalue())
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _image_paths(given: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for text in given:
+        path = Path(text)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UserError(f"{path} not found: give image files or folders of them")
+    if not paths:
+        raise UserError("no images found: give image files or folders of them")
+    return paths
+
+
+def _read(paths, image_size, channels, shape) -> torch.Tensor:
+    """Each file converted as `train` converts a folder (--image-size, --channels), then checked
+    against the model's shape."""
+    c, h, w = shape
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                want = channels or (1 if image.mode in ("1", "L", "LA", "I", "I;16") else 3)
+                image = image.convert(pil_mode(want))
+                if image_size:
+                    image = square_resize(image, image_size)
+                array = np.asarray(image, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if array.shape != (c, h, w):
+            raise UserError(
+                f"{path} is {'x'.join(map(str, array.shape))} but the model takes {c}x{h}x{w}: "
+                f"convert with --image-size {h} --channels {c}"
+            )
+        images.append(torch.from_numpy(array.copy()))
+    return torch.stack(images)
