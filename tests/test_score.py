@@ -75,3 +75,17 @@ def test_score_of_a_conditional_model_given_labels_or_marginal() -> None:
     unlabelled = type(data)(data.images[:6], None, None, "unlabelled")
     with pytest.raises(Exception, match="--marginal"):
         score(model, unlabelled)
+
+
+def test_score_names_the_files_of_a_folder(run, tmp_path) -> None:
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    digits = load_dataset("mnist5k", "test", image_size=8).images[:4]
+    for i, image in enumerate(digits.numpy()):
+        Image.fromarray(image[0]).save(folder / f"digit_{i}.png")
+    out = tmp_path / "report"
+    argv = ["score", str(run), "--data", str(folder), "--channels", "1", "--out", str(out)]
+    assert main(argv) == 0
+    with open(out / "scores.csv") as f:
+        names = [row["image"] for row in csv.DictReader(f)]
+    assert names and all(n.startswith("digit_") and n.endswith(".png") for n in names)

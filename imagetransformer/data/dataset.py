@@ -19,7 +19,9 @@ class ImageDataset(Dataset):
         labels: torch.Tensor | None,
         num_classes: int | None,
         name: str,
+        ids: list[str] | None = None,
     ) -> None:
+        """`ids`: optional names of the images (e.g. their file names), one per image."""
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 tensor, got {_describe(images)}")
         if images.dim() != 4:
@@ -32,7 +34,10 @@ class ImageDataset(Dataset):
                 num_classes = int(labels.max()) + 1 if len(labels) else 0
         elif num_classes is not None:
             raise ValueError("num_classes given for an unlabelled dataset")
+        if ids is not None and len(ids) != len(images):
+            raise ValueError(f"{len(ids)} ids for {len(images)} images")
         self.images = images.contiguous()
+        self.ids = ids
         self.labels = labels
         self.num_classes = num_classes
         self.name = name

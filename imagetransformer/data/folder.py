@@ -52,7 +52,8 @@ def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> Ima
     images = torch.stack([_decode(f, mode, image_size) for f in files])
     label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     num_classes = len(classes) if labels is not None else None
-    return ImageDataset(images, label_tensor, num_classes, root.resolve().name or str(root))
+    ids = [f.relative_to(root).as_posix() for f in files]
+    return ImageDataset(images, label_tensor, num_classes, root.resolve().name or str(root), ids)
 
 
 def _class_dirs(folder: Path) -> list[str]:

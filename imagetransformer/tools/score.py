@@ -86,7 +86,8 @@ def score(
         prior = log_prior if conditional and marginal else None
         chunks.append(model.bits_per_subpixel(images.to(device), given, log_prior=prior).cpu())
     labels = dataset.labels[:n] if dataset.labels is not None else None
-    return Scores(torch.cat(chunks), labels, dataset.images[:n], [str(i) for i in range(n)])
+    ids = dataset.ids[:n] if dataset.ids is not None else [str(i) for i in range(n)]
+    return Scores(torch.cat(chunks), labels, dataset.images[:n], ids)
 
 
 def write_report(scores: Scores, out: Path) -> list[Path]:
