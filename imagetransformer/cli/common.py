@@ -11,7 +11,7 @@ import torch
 from ..errors import UserError
 from ..model import ImageTransformer
 from ..precision import PRECISIONS
-from ..run import DataOptions, Run
+from ..run import DataOptions, Run, check_data_fits
 
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
@@ -93,6 +93,19 @@ def data_for_run(
         raise UserError(f"{args.run_dir} has no run.json: name the data set (--data NAME|PATH)")
     options = data_options(args)
     return spec, (the_run.info.data_options(options) if the_run else options), the_run
+
+
+def model_and_split(args: argparse.Namespace):
+    """What `eval` and `score` start from: the run's model and the asked split (`--data`,
+    default the run's own), converted as the run was trained and checked against the model.
+    Returns (model, dataset, data spec, data options, run or None)."""
+    if args.batch_size < 1 or args.limit < 0:
+        raise UserError("--batch-size must be at least 1 and --limit at least 0")
+    model = open_model(args.run_dir, device(args.device))
+    spec, options, the_run = data_for_run(args, args.data)
+    dataset = options.load(spec, args.split)
+    check_data_fits(model.config, dataset, training=False)
+    return model, dataset, spec, options, the_run
 
 
 def images_from_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:

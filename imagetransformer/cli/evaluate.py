@@ -9,7 +9,6 @@ import time
 
 from ..errors import UserError
 from ..evaluation import class_log_prior, classification_accuracy, evaluate
-from ..run import check_data_fits
 from ..superres import TEMPERATURES, evaluate_superres, psnr_summary
 from . import common
 
@@ -45,12 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.limit < 0:
-        raise UserError("--batch-size must be at least 1 and --limit at least 0")
-    model = common.open_model(args.run_dir, common.device(args.device))
-    spec, options, the_run = common.data_for_run(args, args.data)
-    dataset = options.load(spec, args.split)
-    check_data_fits(model.config, dataset, training=False)
+    model, dataset, spec, options, the_run = common.model_and_split(args)
     started = time.perf_counter()
     result = evaluate(
         model,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
 from ..evaluation import class_log_prior
-from ..run import check_data_fits
 from ..tools.score import score, write_report
 from . import common
 
@@ -30,12 +28,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.limit < 0:
-        raise UserError("--batch-size must be at least 1 and --limit at least 0")
-    model = common.open_model(args.run_dir, common.device(args.device))
-    spec, options, the_run = common.data_for_run(args, args.data)
-    dataset = options.load(spec, args.split)
-    check_data_fits(model.config, dataset, training=False)
+    model, dataset, spec, options, the_run = common.model_and_split(args)
     log_prior = None
     if args.marginal and model.config.num_classes and the_run is not None:
         train_labels = options.load(the_run.info.data, "train").labels
