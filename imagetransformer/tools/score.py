@@ -9,6 +9,7 @@ one channel.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import atomic_write_bytes
 from ..data import ImageDataset
 from ..errors import UserError
-from ..files import temp_file_beside
 from ..model import ImageTransformer
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -94,7 +95,9 @@ def write_report(scores: Scores, out: Path) -> list[Path]:
     """scores.csv, summary.json, and (with matplotlib) heatmaps.png and histogram.png."""
     out.mkdir(parents=True, exist_ok=True)
     written = [_write_csv(scores, out / "scores.csv"), out / "summary.json"]
-    _write_atomic(out / "summary.json", json.dumps(scores.summary(), indent=2).encode() + b"\n")
+    atomic_write_bytes(
+        out / "summary.json", json.dumps(scores.summary(), indent=2).encode() + b"\n"
+    )
     try:
         import matplotlib
     except ImportError:
@@ -108,31 +111,17 @@ def write_report(scores: Scores, out: Path) -> list[Path]:
     return written
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from ..checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def _write_csv(scores: Scores, path: Path) -> Path:
     channels = scores.bits.shape[1]
     names = ["R", "G", "B"] if channels == 3 else ["grey"]
-    fd, tmp = temp_file_beside(path, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(
-                ["image", "label", "bits_per_dim", *[f"bits_per_dim_{c}" for c in names]]
-            )
-            per_channel = scores.bits_per_channel
-            for i, (name, bpd) in enumerate(zip(scores.ids, scores.bits_per_dim, strict=True)):
-                label = "" if scores.labels is None else int(scores.labels[i])
-                writer.writerow(
-                    [name, label, f"{bpd:.6f}", *[f"{v:.6f}" for v in per_channel[i].tolist()]]
-                )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image", "label", "bits_per_dim", *[f"bits_per_dim_{c}" for c in names]])
+    per_channel = scores.bits_per_channel
+    for i, (name, bpd) in enumerate(zip(scores.ids, scores.bits_per_dim, strict=True)):
+        label = "" if scores.labels is None else int(scores.labels[i])
+        writer.writerow([name, label, f"{bpd:.6f}", *[f"{v:.6f}" for v in per_channel[i].tolist()]])
+    atomic_write_bytes(path, text.getvalue().encode())
     return path
 
 
@@ -179,12 +168,10 @@ def _histogram(scores: Scores, path: Path) -> Path:
 
 
 def _save_figure(fig, path: Path) -> Path:
-    import io
-
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
