@@ -39,9 +39,14 @@ def make_grid(
     return Image.fromarray(canvas)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a PNG grid of uint8 images [n, C, H, W] atomically."""
+def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+    """The PNG file of `make_grid(images, nrow)`."""
     buffer = io.BytesIO()
     make_grid(images, nrow=nrow).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write a PNG grid of uint8 images [n, C, H, W] atomically."""
+    atomic_write_bytes(path, grid_png(images, nrow))
     return Path(path)

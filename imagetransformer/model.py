@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -546,6 +546,7 @@ class ImageTransformer(nn.Module):
         prefix: torch.Tensor | None = None,
         keep: int = 0,
         low_res: torch.Tensor | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """n uint8 images [n, C, H, W], one position per step in `generation_order`.
 
@@ -553,7 +554,8 @@ class ImageTransformer(nn.Module):
         scales); `top_k` / `top_p` optionally filter them (0 / 1.0: off; categorical only).
         With `prefix` (uint8 [n, C, H, W]) the first `keep` generation steps are copied from it
         (completion, see `complete`). A super-resolution model needs `low_res` [n, C, h, w]
-        (see `upscale`).
+        (see `upscale`). `on_step(steps_done, values)` watches the image grow (see
+        `sampling.sample`).
         """
         from .sampling import sample
 
@@ -569,6 +571,7 @@ class ImageTransformer(nn.Module):
             progress=progress,
             top_k=top_k,
             top_p=top_p,
+            on_step=on_step,
         )
 
     def keep_positions(self, fraction: float) -> int:

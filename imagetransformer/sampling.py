@@ -9,6 +9,7 @@ tensor2tensor does; it exists so tests can check that both give the same images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,11 +57,15 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     low_res: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Cached sampling of `n` images; the first `keep` generation steps are copied from `prefix`.
 
     Returns uint8 images [n, C, H, W] (and the [n, N, P] head outputs in generation order when
     `return_logits`, for tests). A super-resolution model runs its encoder once on `low_res`.
+    `on_step(steps_done, values)` is called after every step with the values so far in
+    generation order (`model.from_steps` makes images of them): how a caller watches the image
+    grow, or stops the sampler by raising.
     """
     with model.evaluating():
         values = _prepare(model, n, prefix, keep, top_k, top_p)
@@ -78,6 +83,8 @@ def sample(
                 values[:, step] = model.distribution.draw(
                     logits, temperature, generator, top_k, top_p
                 )
+            if on_step is not None:
+                on_step(step + 1, values)
         images = model.from_steps(values)
     return (images, all_logits) if return_logits else images
 

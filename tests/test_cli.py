@@ -21,17 +21,10 @@ from imagetransformer import ImageTransformer
 from imagetransformer.cli import main
 from imagetransformer.presets import DEFAULT_PRESET, PRESETS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--preset", "tiny", "--image-size", "8", "--quiet"]
 QUICK = ["--set", "eval_every=0", "--set", "sample_count=4", "--set", "log_every=1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(out: Path, *extra: str) -> tuple[int, str, str]:

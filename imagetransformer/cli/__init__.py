@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import codec, complete, evaluate, ood, presets, sample, score, train, upscale
+from . import codec, complete, evaluate, ood, presets, sample, score, serve, study, train, upscale
 
-VERBS = (train, evaluate, sample, complete, upscale, score, ood, codec, presets)
+VERBS = (train, evaluate, sample, complete, upscale, score, ood, codec, serve, study, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
+from ..images import fit_image, open_image
 from ..model import ImageTransformer
 from ..precision import PRECISIONS
 from ..run import DataOptions, Run, check_data_fits
@@ -125,19 +125,35 @@ def check_sampling_options(n: int, temperature: float, count: int = 1) -> None:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
 
 
+def sample_labels(
+    num_classes: int, n: int, label: int | None, where: torch.device
+) -> torch.Tensor | None:
+    """The classes of `n` samples: none for an unconditional model, else `label` for all of
+    them or, when it is None, every class in turn."""
+    if not num_classes:
+        return None
+    if label is None:
+        return torch.arange(n, device=where) % num_classes
+    return torch.full((n,), label, device=where)
+
+
 def read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as uint8 [C, H, W] in the model's shape (centre crop, area resize)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..data.resize import pil_mode, square_resize
-
     c, h, w = shape
     if h != w:
         raise UserError(f"--image needs a square model, this one takes {h}x{w} images")
-    try:
-        with Image.open(path) as image:
-            image = square_resize(image.convert(pil_mode(c)), h)
-            array = np.asarray(image, dtype=np.uint8).reshape(h, w, c)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return fit_image(open_image(path, f"image {path}"), shape)
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """--host and --port of a local web app: this machine only, unless told otherwise."""
+    from ..web.server import DEFAULT_HOST, DEFAULT_PORT
+
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (the URL is printed)"
+    )

@@ -36,14 +36,9 @@ def run(args: argparse.Namespace) -> int:
     common.check_sampling_options(args.n, args.temperature)
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
-    labels = None
-    if model.config.num_classes:
-        if args.label is None:
-            labels = torch.arange(args.n, device=device) % model.config.num_classes
-        else:
-            labels = torch.full((args.n,), args.label, device=device)
-    elif args.label is not None:
+    if args.label is not None and not model.config.num_classes:
         raise UserError("--label given but this model is unconditional (num_classes=0)")
+    labels = common.sample_labels(model.config.num_classes, args.n, args.label, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
     with autocast(device, args.precision):

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..grid import save_grid
+from ..images import open_image, upscale_input
 from ..layout import area_downsample
 from ..superres import superres_rows
 from . import common
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         )
     truth = None
     if args.image:
-        low_res, truth = _read_low_res(args.image, config)
+        low_res, truth = upscale_input(open_image(args.image, f"image {args.image}"), config)
     else:
         truth, _ = common.images_from_split(args)
         low_res = area_downsample(truth, config.scale)
@@ -63,20 +64,3 @@ def run(args: argparse.Namespace) -> int:
         np.save(args.npy, samples.numpy())
         print(f"wrote {args.npy} (uint8 {list(samples.shape)})")
     return 0
-
-
-def _read_low_res(path: str, config) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The input of `upscale --image`: an image of the input size is used as it is; one of the
-    output size is area-downsampled (and shown as the truth); others are cropped and resized."""
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = config.image_shape
-    try:
-        with Image.open(path) as image:
-            size = image.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read image {path} ({err}); give a PNG or JPEG file") from None
-    if size == (w, h):
-        truth = common.read_image(path, config.image_shape)[None]
-        return area_downsample(truth, config.scale), truth
-    return common.read_image(path, config.low_res_shape)[None], None

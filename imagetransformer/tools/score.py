@@ -24,6 +24,7 @@ from ..checkpoint import atomic_write_bytes
 from ..data import ImageDataset
 from ..errors import UserError
 from ..model import ImageTransformer
+from ..plotting import pyplot
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 HEATMAP_ROWS = 4  # most and least surprising images shown each
@@ -98,14 +99,7 @@ def write_report(scores: Scores, out: Path) -> list[Path]:
     atomic_write_bytes(
         out / "summary.json", json.dumps(scores.summary(), indent=2).encode() + b"\n"
     )
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError(
-            f"wrote {written[0]} and {written[1]}; the plots need matplotlib: pip install "
-            "'imagetransformer[plots]' (or matplotlib), then run score again"
-        ) from None
-    matplotlib.use("Agg")
+    pyplot(f"wrote {written[0]} and {written[1]}; ")
     written.append(_heatmaps(scores, out / "heatmaps.png"))
     written.append(_histogram(scores, out / "histogram.png"))
     return written

@@ -1,0 +1,122 @@
+// The rater's side of a study: instruction, then one pair at a time. The page never learns
+// which image is real; it only sends "left" or "right" for the pair it was given.
+"use strict";
+
+const STORAGE_KEY = "imagetransformer-study-rater";
+const $ = (id) => document.getElementById(id);
+let rater = new URLSearchParams(location.search).get("rater") || localStorage.getItem(STORAGE_KEY);
+let current = null;   // the pair on screen
+let busy = false;     // an answer is on its way
+
+function show(section) {
+  for (const id of ["intro", "task", "finished"]) $(id).hidden = id !== section;
+}
+
+function say(text) { $("message").textContent = text || ""; }
+
+function remember(token) {
+  rater = token;
+  localStorage.setItem(STORAGE_KEY, token);
+  const url = new URL(location.href);
+  url.searchParams.set("rater", token);
+  history.replaceState(null, "", url);
+  $("rater-code").textContent = token;
+  $("resume-link").textContent = url.href;
+}
+
+async function call(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: body ? { "Content-Type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const data = await response.json().catch(() => ({ error: `server answered ${response.status}` }));
+  if (!response.ok) throw Object.assign(new Error(data.error || response.statusText), { status: response.status });
+  return data;
+}
+
+function loadImage(img, src) {
+  return new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("an image could not be loaded; reload the page"));
+    img.src = src;
+  });
+}
+
+async function render(next) {
+  $("progress").textContent = `${next.done} of ${next.total} judged`;
+  if (next.finished) { current = null; show("finished"); return; }
+  show("task");
+  setBusy(true);
+  await Promise.all([loadImage($("left-image"), next.left), loadImage($("right-image"), next.right)]);
+  current = next;
+  setBusy(false);
+  $("left").focus();
+}
+
+function setBusy(value) {
+  busy = value;
+  $("left").disabled = value;
+  $("right").disabled = value;
+}
+
+async function choose(side) {
+  if (busy || !current) return;
+  setBusy(true);
+  say("");
+  try {
+    await render(await call("POST", "/api/answer", { rater, pair: current.pair, choice: side }));
+  } catch (err) {
+    if (err.status === 409) {   // answered already (another tab): fetch what is due now
+      await render(await call("GET", `/api/next?rater=${encodeURIComponent(rater)}`));
+    } else {
+      say(err.message);
+      setBusy(false);
+    }
+  }
+}
+
+async function start() {
+  say("");
+  try {
+    if (!rater) remember((await call("POST", "/api/raters")).rater);
+    await render(await call("GET", `/api/next?rater=${encodeURIComponent(rater)}`));
+  } catch (err) {
+    if (err.status === 404) {   // a token this study does not know: forget it, start afresh
+      localStorage.removeItem(STORAGE_KEY);
+      rater = null;
+      $("rater-code").textContent = "none yet";
+      show("intro");
+    }
+    say(err.message);
+  }
+}
+
+async function init() {
+  const info = await call("GET", "/api/study");
+  const [h, w] = info.image_size;
+  for (const id of ["left-image", "right-image"]) {
+    $(id).width = w * info.display_scale;
+    $(id).height = h * info.display_scale;
+  }
+  $("display-note").textContent =
+    `Each image is ${w}x${h} pixels, shown ${info.display_scale} times larger with ` +
+    `${info.display_method} scaling (every pixel is drawn as a ${info.display_scale}x` +
+    `${info.display_scale} square, nothing is smoothed). There are ${info.images_per_rater} pairs.`;
+  if (rater) {
+    remember(rater);
+    $("start").textContent = "Continue";
+  } else {
+    $("resume-link").textContent = "(you get one when you start)";
+  }
+  $("start").addEventListener("click", start);
+  $("left").addEventListener("click", () => choose("left"));
+  $("right").addEventListener("click", () => choose("right"));
+  document.addEventListener("keydown", (event) => {
+    if ($("task").hidden) return;
+    if (event.key === "ArrowLeft") { event.preventDefault(); choose("left"); }
+    if (event.key === "ArrowRight") { event.preventDefault(); choose("right"); }
+  });
+}
+
+init().catch((err) => say(err.message));

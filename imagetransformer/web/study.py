@@ -1,0 +1,123 @@
+"""The study's web page: a rater reads a short instruction, then judges pairs one click at a
+time; every answer is committed to the study's SQLite file before the next pair is sent.
+
+Routes: `/` (the page), `/static/NAME` (its script and style), `/stimulus/TOKEN` (an image of the
+manifest, by its opaque token; sent without dates or names), `/api/study`, `/api/raters` (POST: a
+new rater and their assignment), `/api/next?rater=`, `/api/answer` (POST {rater, pair, choice}).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..study.stimuli import Manifest
+from ..study.store import AnswerStore, Refused, Shown
+from .server import SecurityHeaders, asset_routes, page
+
+_NO_STORE = {"Cache-Control": "no-store"}
+_MAX_BODY = 4096  # an answer is a few dozen bytes
+
+
+def _refusal(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=_NO_STORE)
+
+
+def _pair_json(shown: Shown | None, done: int, total: int) -> dict:
+    if shown is None:
+        return {"finished": True, "done": done, "total": total}
+    return {
+        "finished": False,
+        "pair": shown.pair.id,
+        "left": f"/stimulus/{shown.left}",
+        "right": f"/stimulus/{shown.right}",
+        "done": done,
+        "total": total,
+    }
+
+
+def study_app(study_dir: str | Path) -> Starlette:
+    """The ASGI app of one study folder (its manifest is checked when the app is made)."""
+    study_dir = Path(study_dir)
+    manifest = Manifest.read(study_dir)
+    store = AnswerStore(study_dir, manifest)
+    tokens = manifest.tokens()
+    info = {
+        "images_per_rater": len(manifest.images),
+        "display_scale": manifest.display_scale,
+        "display_method": "nearest-neighbour",
+        "image_size": list(manifest.image_shape[1:]),
+    }
+
+    def study(request: Request) -> Response:
+        return JSONResponse(info, headers=_NO_STORE)
+
+    def stimulus(request: Request) -> Response:
+        token = request.path_params["token"]
+        if token not in tokens:
+            return PlainTextResponse("Not Found", status_code=404)
+        body = Manifest.stimulus_path(study_dir, token).read_bytes()
+        return Response(body, media_type="image/png", headers={"Cache-Control": "private"})
+
+    def new_rater(request: Request) -> Response:
+        token = store.new_rater()
+        return JSONResponse({"rater": token}, headers=_NO_STORE)
+
+    def next_pair(request: Request) -> Response:
+        rater = request.query_params.get("rater", "")
+        try:
+            shown = store.next_pair(rater)
+            done, total = store.progress(rater)
+        except Refused as err:
+            return _refusal(str(err), err.status)
+        return JSONResponse(_pair_json(shown, done, total), headers=_NO_STORE)
+
+    async def answer(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > _MAX_BODY:
+            return _refusal("request too large", 413)
+        try:
+            given = json.loads(body)
+            rater, pair, choice = given["rater"], given["pair"], given["choice"]
+        except (ValueError, KeyError, TypeError):
+            return _refusal('send JSON {"rater": ..., "pair": ..., "choice": "left"|"right"}', 400)
+
+        def commit_then_next() -> dict:
+            store.answer(rater, pair, choice)  # committed before anything is sent back
+            shown = store.next_pair(rater)
+            return _pair_json(shown, *store.progress(rater))
+
+        try:
+            return JSONResponse(await run_in_threadpool(commit_then_next), headers=_NO_STORE)
+        except Refused as err:
+            return _refusal(str(err), err.status)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        store.close()
+
+    return Starlette(
+        routes=[
+            Route("/", page("study.html"), methods=["GET"]),
+            *asset_routes(),
+            Route("/stimulus/{token}", stimulus, methods=["GET"]),
+            Route("/api/study", study, methods=["GET"]),
+            Route("/api/raters", new_rater, methods=["POST"]),
+            Route("/api/next", next_pair, methods=["GET"]),
+            Route("/api/answer", answer, methods=["POST"]),
+        ],
+        middleware=[Middleware(SecurityHeaders)],
+        lifespan=lifespan,
+    )
+
+
+__all__ = ["study_app"]

@@ -1,0 +1,461 @@
+"""The human study: stimuli made once and stored, assignments, the answer store's refusals and
+durability (SIGKILL, 20 concurrent raters), the report's statistics, the HTTP API and what it
+must not reveal."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sqlite3
+import struct
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from random import Random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagetransformer import ImageTransformer
+from imagetransformer.cli import main
+from imagetransformer.layout import area_downsample
+from imagetransformer.run import Run
+from imagetransformer.study.report import summarise, wilson_interval
+from imagetransformer.study.stimuli import MANIFEST_FILE, Manifest
+from imagetransformer.study.store import DATABASE_FILE, AnswerStore, Refused
+
+from .webserver import ServerProcess
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_SR = [
+    "--preset", "tiny", "--image-size", "8", "--quiet", "--task", "superres", "--scale", "2",
+    "--set", "encoder_layers=1", "--set", "eval_every=0", "--set", "sample_count=4",
+]  # fmt: skip
+IMAGES = 6
+TEMPERATURES = ["0.8", "1.0"]
+
+
+def _quiet(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sr_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sr") / "run"
+    code, _, err = _quiet(["train", *TINY_SR, "--out", str(run), "--set", "max_steps=3"])
+    assert code == 0, err
+    return run
+
+
+def _create(sr_run: Path, out: Path, *extra: str) -> Path:
+    argv = ["study", "create", str(sr_run), "--images", str(IMAGES), "--out", str(out)]
+    code, stdout, err = _quiet([*argv, "--temperatures", *TEMPERATURES, *extra])
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(sr_run, tmp_path_factory) -> Path:
+    """A study of the tiny run: 6 images x 2 temperatures; copy it before answering."""
+    return _create(sr_run, tmp_path_factory.mktemp("study") / "study")
+
+
+@pytest.fixture
+def fresh(study, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(study, tmp_path / "study")
+    return tmp_path / "study"
+
+
+# Statistics -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [(5, 10, 0.236593, 0.763407), (0, 10, 0.0, 0.277533), (10, 10, 0.722467, 1.0),
+     (1, 1, 0.206549, 1.0)],
+)  # fmt: skip
+def test_wilson_interval_matches_published_values(k, n, low, high) -> None:
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((low, high), abs=2e-5)
+
+
+@pytest.mark.parametrize("k, n", [(36, 100), (3, 7), (499, 1000)])
+def test_wilson_bounds_are_the_roots_of_the_score_equation(k, n) -> None:
+    """The interval is {p : (k/n - p)^2 <= z^2 p (1 - p) / n}: its ends solve a quadratic."""
+    z2, p_hat = 1.959963984540054**2, k / n
+    a, b, c = 1 + z2 / n, -(2 * p_hat + z2 / n), p_hat**2
+    roots = np.roots([a, b, c])
+    assert wilson_interval(k, n) == pytest.approx(tuple(sorted(roots)), abs=1e-12)
+
+
+def test_wilson_interval_without_answers_is_uninformative() -> None:
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+# Stimuli ----------------------------------------------------------------------------------------
+def test_create_stores_truth_and_one_sample_per_temperature(sr_run, study) -> None:
+    manifest = Manifest.read(study)
+    assert manifest.temperatures == [0.8, 1.0]
+    assert len(manifest.images) == IMAGES and len(set(manifest.images)) == IMAGES
+    assert len(manifest.pairs) == IMAGES * 2
+    assert {(p.image, p.temperature) for p in manifest.pairs} == {
+        (i, t) for i in manifest.images for t in (0.8, 1.0)
+    }
+    run = Run.open(sr_run)
+    test = run.load_split("test")
+    model = ImageTransformer.from_pretrained(sr_run).eval()
+    truth, _ = test.batch(torch.tensor(manifest.images))
+    for temperature in manifest.temperatures:
+        pairs = sorted(
+            (p for p in manifest.pairs if p.temperature == temperature), key=lambda p: p.image
+        )
+        real = torch.stack([_read_png(study, p.real) for p in pairs])
+        fake = torch.stack([_read_png(study, p.sample) for p in pairs])
+        assert torch.equal(real, truth)  # the truth, bit for bit
+        generator = torch.Generator().manual_seed(0)  # the study's seed: the samples are these
+        expected = model.upscale(area_downsample(truth, 2), temperature, generator=generator)
+        assert torch.equal(fake, expected)
+
+
+def _read_png(study: Path, token: str) -> torch.Tensor:
+    with Image.open(Manifest.stimulus_path(study, token)) as image:
+        array = np.asarray(image)
+    return torch.from_numpy(array.copy())[None]
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append(data[at + 4 : at + 8])
+        at += 12 + length
+    return chunks
+
+
+def test_stimulus_files_do_not_tell_real_from_sample(study) -> None:
+    manifest = Manifest.read(study)
+    files = sorted((study / "stimuli").iterdir())
+    assert len(files) == len(manifest.tokens()) == IMAGES * 3
+    for path in files:
+        assert len(path.stem) == 24 and all(c in "0123456789abcdef" for c in path.stem)
+        data = path.read_bytes()
+        assert set(_png_chunks(data)) == {b"IHDR", b"IDAT", b"IEND"}  # no text, time or gamma
+        with Image.open(path) as image:
+            assert image.mode == "L" and image.size == (8, 8)
+
+
+def test_create_refuses_and_writes_nothing(sr_run, study, tmp_path, capsys) -> None:
+    plain = tmp_path / "plain"
+    code, _, err = _quiet(
+        ["train", "--preset", "tiny", "--image-size", "8", "--quiet", "--out", str(plain),
+         "--set", "max_steps=1", "--set", "eval_every=0", "--set", "sample_count=1"]
+    )  # fmt: skip
+    assert code == 0, err
+    cases = [
+        ([str(plain)], "not a super-resolution run"),
+        ([str(sr_run), "--images", "0"], "--images"),
+        ([str(sr_run), "--temperatures", "0.8", "0.8"], "distinct"),
+        ([str(sr_run), "--temperatures", "-1"], ">= 0"),
+        ([f"a=b={sr_run}"], "condition name"),
+        ([f"x={sr_run}", f"x={sr_run}"], "must differ"),
+        ([str(sr_run), "--image-size", "16"], "convert the images"),
+    ]
+    for i, (argv, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code, _, err = _quiet(["study", "create", *argv, "--out", str(out)])
+        assert code == 2 and needle in err and "Traceback" not in err, (argv, err)
+        assert not out.exists()
+    assert list(tmp_path.glob(".*partial*")) == []
+    code, _, err = _quiet(["study", "create", str(sr_run), "--out", str(study)])
+    assert code == 2 and "not an empty folder" in err
+
+
+def test_a_damaged_study_folder_is_refused_by_name(fresh) -> None:
+    next(iter((fresh / "stimuli").iterdir())).unlink()
+    code, _, err = _quiet(["study", "report", str(fresh)])
+    assert code == 2 and "lacks 1" in err
+    (fresh / MANIFEST_FILE).write_text("{not json")
+    code, _, err = _quiet(["study", "report", str(fresh)])
+    assert code == 2 and str(fresh / MANIFEST_FILE) in err
+    code, _, err = _quiet(["study", "serve", str(fresh.parent / "nowhere"), "--port", "0"])
+    assert code == 2 and "not a study folder" in err
+
+
+# Assignments and the store ----------------------------------------------------------------------
+def test_assignments_show_each_image_once_and_cover_every_pair(study) -> None:
+    manifest = Manifest.read(study)
+    cells = len(manifest.cells)
+    seen = []
+    for number in range(cells):
+        pairs = manifest.assignment(number)
+        assert sorted(p.image for p in pairs) == sorted(manifest.images)  # each image once
+        seen += [p.id for p in pairs]
+    assert sorted(seen) == sorted(p.id for p in manifest.pairs)  # every pair exactly once
+
+
+def test_store_refuses_what_must_not_be_stored(fresh) -> None:
+    manifest = Manifest.read(fresh)
+    store = AnswerStore(fresh, manifest)
+    alice, bob = store.new_rater(Random(1)), store.new_rater(Random(2))
+    shown = store.next_pair(alice)
+    assert store.next_pair(alice) == shown  # the same pair until it is answered
+    theirs = {p.id for p in manifest.assignment(0)}
+    not_alices = next(p.id for p in manifest.pairs if p.id not in theirs)
+    later = next(p for p in theirs if p != shown.pair.id)
+    refusals = [
+        ((alice, "no-such-pair", "left"), "unknown pair"),
+        (("no-such-rater", shown.pair.id, "left"), "unknown rater"),
+        ((alice, not_alices, "left"), "not assigned"),
+        ((alice, later, "left"), "not been shown"),
+        ((alice, shown.pair.id, "middle"), "'left' or 'right'"),
+        ((bob, shown.pair.id, "left"), "not assigned"),
+    ]
+    for args, needle in refusals:
+        with pytest.raises(Refused, match=needle):
+            store.answer(*args)
+    answer = store.answer(alice, shown.pair.id, "left")
+    assert answer.picked_sample == (shown.real_side == "right")
+    with pytest.raises(Refused, match="answered already"):
+        store.answer(alice, shown.pair.id, "right")
+    assert [(a.rater, a.pair, a.choice) for a in store.answers()] == [
+        (alice, shown.pair.id, "left")
+    ]
+    assert store.progress(alice) == (1, IMAGES)
+    store.close()
+
+
+def test_left_and_right_are_randomised(fresh) -> None:
+    store = AnswerStore(fresh, Manifest.read(fresh))
+    sides = []
+    for _ in range(10):
+        rater = store.new_rater()
+        while (shown := store.next_pair(rater)) is not None:
+            sides.append(shown.real_side)
+            store.answer(rater, shown.pair.id, "left")
+    store.close()
+    assert 15 <= sides.count("left") <= 45  # 60 pairs; binomial(60, 0.5) lies here but 1e-4
+
+
+# The server -------------------------------------------------------------------------------------
+def _call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _db_answers(study: Path) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(study / DATABASE_FILE)) as db:
+        return db.execute("SELECT rater, pair, choice FROM answers").fetchall()
+
+
+def test_sigkill_loses_no_acknowledged_answer(fresh) -> None:
+    acknowledged = []
+    with ServerProcess("study", "serve", str(fresh)) as server:
+        _, rater = _call(server.url + "api/raters", "POST")
+        _, shown = _call(server.url + f"api/next?rater={rater['rater']}")
+        for i in range(4):
+            choice = "left" if i % 2 else "right"
+            body = {"rater": rater["rater"], "pair": shown["pair"], "choice": choice}
+            status, next_shown = _call(server.url + "api/answer", "POST", body)
+            assert status == 200
+            acknowledged.append((rater["rater"], shown["pair"], choice))
+            shown = next_shown
+        server.kill()
+    assert sorted(_db_answers(fresh)) == sorted(acknowledged)
+    with ServerProcess("study", "serve", str(fresh)) as server:
+        status, again = _call(server.url + f"api/next?rater={rater['rater']}")
+        assert status == 200 and again["pair"] == shown["pair"] and again["done"] == 4
+        status, refused = _call(server.url + "api/answer", "POST", dict(zip(
+            ("rater", "pair", "choice"), acknowledged[0], strict=True)))  # fmt: skip
+        assert status == 409 and "answered already" in refused["error"]
+    assert sorted(_db_answers(fresh)) == sorted(acknowledged)
+
+
+def test_twenty_concurrent_raters_lose_and_duplicate_nothing(fresh) -> None:
+    acknowledged, lock, errors = [], threading.Lock(), []
+    with ServerProcess("study", "serve", str(fresh)) as server:
+
+        def rater_session(seed: int) -> None:
+            rng = Random(seed)
+            try:
+                _, made = _call(server.url + "api/raters", "POST")
+                token = made["rater"]
+                _, shown = _call(server.url + f"api/next?rater={token}")
+                while not shown["finished"]:
+                    body = {
+                        "rater": token,
+                        "pair": shown["pair"],
+                        "choice": rng.choice(["left", "right"]),
+                    }
+                    status, reply = _call(server.url + "api/answer", "POST", body)
+                    if status == 200:
+                        with lock:
+                            acknowledged.append((token, body["pair"], body["choice"]))
+                    if rng.random() < 0.3:  # a replay, as a double click or a retry sends it
+                        again, _ = _call(server.url + "api/answer", "POST", body)
+                        assert again == 409
+                    shown = reply
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=rater_session, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors
+    stored = _db_answers(fresh)
+    assert len(acknowledged) == 20 * IMAGES
+    assert sorted(stored) == sorted(acknowledged)  # every acknowledged answer exactly once
+    assert len(set((r, p) for r, p, _ in stored)) == len(stored)
+
+
+def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> None:
+    import http.client
+
+    manifest = Manifest.read(fresh)
+    real_tokens = {p.real for p in manifest.pairs}
+    with ServerProcess("study", "serve", str(fresh)) as server:
+        host, port = server.host_port
+        assert host == "127.0.0.1"
+        _, made = _call(server.url + "api/raters", "POST")
+        _, shown = _call(server.url + f"api/next?rater={made['rater']}")
+        assert set(shown) == {"finished", "pair", "left", "right", "done", "total"}
+        for side in ("left", "right"):
+            with urllib.request.urlopen(server.url + shown[side].lstrip("/")) as response:
+                headers = {k.lower() for k in response.headers}
+                assert response.headers["Content-Type"] == "image/png"
+            assert not headers & {"last-modified", "etag", "content-disposition"}
+        tokens = {shown[side].rsplit("/", 1)[1] for side in ("left", "right")}
+        assert len(tokens & real_tokens) == 1  # one real image, which the reply does not mark
+        page = urllib.request.urlopen(server.url).read().decode()
+        assert "sample" not in page.lower() and "stimuli" not in page
+        attempts = [
+            "/static/../study.json", "/static/%2e%2e/%2e%2e/etc/passwd", "/static/..%2fstudy.py",
+            "/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/static//etc/passwd", "/stimulus/../study.json",
+            f"/stimulus/..%2f{MANIFEST_FILE}", "/stimulus/%2fetc%2fpasswd", "//etc/passwd",
+            f"/{MANIFEST_FILE}", f"/{DATABASE_FILE}", f"/stimuli/{next(iter(real_tokens))}.png",
+            "/static/" + "..%5c" * 3 + "etc%5cpasswd", "/static/%252e%252e/study.json",
+        ]  # fmt: skip
+        for path in attempts:
+            connection = http.client.HTTPConnection(host, port, timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            assert response.status == 404, path
+            response.read()
+            connection.close()
+        status, refused = _call(server.url + "api/answer", "POST", {"rater": made["rater"]})
+        assert status == 400 and "choice" in refused["error"]
+
+
+# The report -------------------------------------------------------------------------------------
+def test_report_counts_and_fool_rates(fresh, tmp_path) -> None:
+    manifest = Manifest.read(fresh)
+    store = AnswerStore(fresh, manifest)
+    given = []
+    for seed in range(3):
+        rng, rater = Random(seed), store.new_rater(Random(seed))
+        while (shown := store.next_pair(rater)) is not None:
+            given.append(store.answer(rater, shown.pair.id, rng.choice(["left", "right"])))
+    store.close()
+    code, out, err = _quiet(
+        ["study", "report", str(fresh), "--json", "--plot", str(tmp_path / "p.png")]
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["answers"] == len(given) == 3 * IMAGES and summary["raters"] == 3
+    for row in summary["rows"]:
+        chosen = [
+            a for a in given if a.condition == row["condition"]
+            and row["temperature"] in ("all", a.temperature)
+        ]  # fmt: skip
+        fooled = sum(a.picked_sample for a in chosen)
+        assert row["answers"] == len(chosen) and row["fooled"] == fooled
+        assert row["raters"] == len({a.rater for a in chosen})
+        assert row["fool_rate"] == pytest.approx(fooled / len(chosen))
+        assert list(row["ci95"]) == pytest.approx(wilson_interval(fooled, len(chosen)))
+    lines = (fresh / "answers.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(given) and lines[0].startswith("rater,pair,condition")
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.size[0] > 100
+    code, out, _ = _quiet(["study", "report", str(fresh)])
+    assert code == 0 and "95% Wilson" in out
+    assert summarise(manifest, [])["rows"][0]["fool_rate"] is None
+
+
+# In a real browser ------------------------------------------------------------------------------
+def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
+    fresh, tmp_path
+) -> None:
+    """Half the pairs by click and arrow key, the server killed and started again, the page
+    reloaded (the browser remembers the rater), the rest; then the report agrees with what was
+    chosen, pair by pair."""
+    from playwright.sync_api import expect
+
+    from .browser import browser, screenshot
+
+    manifest = Manifest.read(fresh)
+    real_tokens = {p.real for p in manifest.pairs}
+    picked_sample = []
+
+    def judge(page, count: int) -> None:
+        for i in range(count):
+            expect(page.locator("#left")).to_be_enabled()
+            left = page.get_attribute("#left-image", "src").rsplit("/", 1)[1]
+            right = page.get_attribute("#right-image", "src").rsplit("/", 1)[1]
+            assert (left in real_tokens) != (right in real_tokens)
+            side = "left" if i % 3 else "right"  # a fixed rule, blind to which one is real
+            picked_sample.append((left if side == "left" else right) not in real_tokens)
+            if i % 2:
+                page.keyboard.press("ArrowLeft" if side == "left" else "ArrowRight")
+            else:
+                page.click(f"#{side}")
+            expect(page.locator("#progress")).to_have_text(
+                f"{len(picked_sample)} of {IMAGES} judged"
+            )
+
+    with browser() as chromium:
+        page = chromium.new_page(viewport={"width": 900, "height": 720})
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        server = ServerProcess("study", "serve", str(fresh))
+        try:
+            page.goto(server.url)
+            page.wait_for_selector("#display-note:has-text('nearest-neighbour')")
+            page.click("#start")
+            page.wait_for_selector("#task:not([hidden])")
+            judge(page, 1)
+            screenshot(page, "study", tmp_path)
+            judge(page, IMAGES // 2 - 1)
+        finally:
+            server.kill()
+        assert len(_db_answers(fresh)) == IMAGES // 2
+        port = server.host_port[1]  # the same address: the browser's storage keeps the rater
+        with ServerProcess("study", "serve", str(fresh), port=port) as server:
+            page.goto(server.url)
+            page.wait_for_selector("#start:has-text('Continue')")
+            page.click("#start")
+            judge(page, IMAGES - IMAGES // 2)
+            page.wait_for_selector("#finished:not([hidden])")
+        assert not errors, errors
+
+    code, out, err = _quiet(["study", "report", str(fresh), "--json"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["answers"] == IMAGES and summary["raters"] == 1
+    overall = next(r for r in summary["rows"] if r["temperature"] == "all")
+    assert overall["answers"] == IMAGES and overall["fooled"] == sum(picked_sample)
+    assert overall["fool_rate"] == pytest.approx(sum(picked_sample) / IMAGES)
