@@ -103,6 +103,8 @@ async function init() {
     `Each image is ${w}x${h} pixels, shown ${info.display_scale} times larger with ` +
     `${info.display_method} scaling (every pixel is drawn as a ${info.display_scale}x` +
     `${info.display_scale} square, nothing is smoothed). There are ${info.images_per_rater} pairs.`;
+  $("scaling-note").textContent =
+    `Shown ${info.display_scale}x larger, ${info.display_method} (each pixel a square).`;
   if (rater) {
     remember(rater);
     $("start").textContent = "Continue";
