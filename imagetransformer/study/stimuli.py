@@ -78,6 +78,7 @@ class Manifest:
     seed: int = 0
     created: str = ""
     _by_id: dict[str, Pair] = field(init=False, repr=False)
+    _by_cell: dict[tuple[int, str, float], Pair] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_id = {p.id: p for p in self.pairs}
