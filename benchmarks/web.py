@@ -133,9 +133,27 @@ def playground(run: str, screenshots: Path | None, lines: list[str]) -> None:
             with browser() as chromium:
                 page = chromium.new_page(viewport={"width": 1000, "height": 900})
                 page.goto(server.url)
-                page.click("form[data-page=sample] button[type=submit]")
-                page.wait_for_selector("[data-state=done]", timeout=120_000)
+                page.click("#page-sample button[type=submit]")
+                page.wait_for_selector("#page-sample [data-state=done]", timeout=120_000)
                 page.screenshot(path=str(screenshots / "playground_page.png"), full_page=True)
+                page.click("#tab-complete")
+                page.fill("#page-complete [name=index]", "7")
+                page.click("#page-complete button[type=submit]")
+                page.wait_for_selector("#page-complete [data-state=done]", timeout=120_000)
+                path = screenshots / "playground_complete.png"
+                page.screenshot(path=str(path), full_page=True)
+
+
+def upscale_screenshot(sr_run: str, screenshots: Path) -> None:
+    """The playground of a super-resolution run, after upscaling a test digit."""
+    with ServerProcess("serve", sr_run) as server, browser() as chromium:
+        page = chromium.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(server.url)
+        page.click("#tab-upscale")
+        page.fill("#page-upscale [name=index]", "7")
+        page.click("#page-upscale button[type=submit]")
+        page.wait_for_selector("#page-upscale [data-state=done]", timeout=120_000)
+        page.screenshot(path=str(screenshots / "playground_upscale.png"), full_page=True)
 
 
 def study(sr_run: str, raters: int, screenshots: Path | None, lines: list[str]) -> None:
@@ -294,6 +312,8 @@ def main() -> int:
         "",
     ]
     playground(args.run, args.screenshots, lines)
+    if args.screenshots:
+        upscale_screenshot(args.sr_run, args.screenshots)
     lines += ["", f"### Study (`imagetransformer study serve`, stimuli from {args.sr_run})", ""]
     study(args.sr_run, args.raters, args.screenshots, lines)
     print("\n".join(lines))

@@ -103,8 +103,9 @@ def run_create(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {args.out}: {len(manifest.images)} images of {spec} {args.split}, "
-        f"{len(manifest.pairs)} pairs ({len(runs)} conditions x {len(manifest.temperatures)} "
-        f"temperatures); each rater judges {len(manifest.images)} of them "
+        f"{len(manifest.pairs)} pairs ({len(runs)} condition{'s' * (len(runs) > 1)} x "
+        f"{len(manifest.temperatures)} temperatures); each rater judges {len(manifest.images)} "
+        "of them "
         f"(serve it with: imagetransformer study serve {args.out})"
     )
     return 0
