@@ -27,7 +27,7 @@ from imagetransformer.layout import area_downsample
 from imagetransformer.run import Run
 from imagetransformer.study.report import summarise, wilson_interval
 from imagetransformer.study.stimuli import MANIFEST_FILE, Manifest
-from imagetransformer.study.store import DATABASE_FILE, AnswerStore, Refused
+from imagetransformer.study.store import DATABASE_FILE, AnswerStore, Refused, read_answers
 
 from .webserver import ServerProcess
 
@@ -56,8 +56,8 @@ def sr_run(tmp_path_factory) -> Path:
     return run
 
 
-def _create(sr_run: Path, out: Path, *extra: str) -> Path:
-    argv = ["study", "create", str(sr_run), "--images", str(IMAGES), "--out", str(out)]
+def _create(sr_run: Path, out: Path, *extra: str, more_runs: tuple[str, ...] = ()) -> Path:
+    argv = ["study", "create", str(sr_run), *more_runs, "--images", str(IMAGES), "--out", str(out)]
     code, stdout, err = _quiet([*argv, "--temperatures", *TEMPERATURES, *extra])
     assert code == 0, err
     return out
@@ -177,7 +177,36 @@ def test_create_refuses_and_writes_nothing(sr_run, study, tmp_path, capsys) -> N
     assert code == 2 and "not an empty folder" in err
 
 
+def test_a_study_of_several_named_runs_compares_them_on_the_same_images(sr_run, tmp_path) -> None:
+    folder = _create(sr_run, tmp_path / "two", "--seed", "3", more_runs=(f"first={sr_run}",))
+    manifest = Manifest.read(folder)
+    names = [c.name for c in manifest.conditions]
+    assert names == [sr_run.name, "first"]
+    assert len(manifest.pairs) == IMAGES * 2 * 2
+    for name in names:  # every condition and temperature has a sample of every image
+        for t in manifest.temperatures:
+            images = {p.image for p in manifest.pairs if p.condition == name and p.temperature == t}
+            assert images == set(manifest.images)
+    assert len(manifest.tokens()) == IMAGES + IMAGES * 4  # one truth per image, shared
+    store = AnswerStore(folder, manifest)
+    for seed in range(len(manifest.cells)):  # one rater per cell: every pair once
+        rater = store.new_rater(Random(seed))
+        while (shown := store.next_pair(rater)) is not None:
+            store.answer(rater, shown.pair.id, "left")
+    store.close()
+    rows = summarise(manifest, read_answers(folder, manifest))["rows"]
+    assert [(r["condition"], r["temperature"]) for r in rows] == [
+        *manifest.cells,
+        *((name, "all") for name in names),
+    ]
+    assert all(r["answers"] == IMAGES for r in rows[:4]) and rows[4]["answers"] == 2 * IMAGES
+
+
 def test_a_damaged_study_folder_is_refused_by_name(fresh) -> None:
+    (fresh / DATABASE_FILE).write_bytes(b"not a database, just bytes" * 100)
+    code, _, err = _quiet(["study", "report", str(fresh)])
+    assert code == 2 and str(fresh / DATABASE_FILE) in err and "Traceback" not in err
+    (fresh / DATABASE_FILE).unlink()
     next(iter((fresh / "stimuli").iterdir())).unlink()
     code, _, err = _quiet(["study", "report", str(fresh)])
     assert code == 2 and "lacks 1" in err
