@@ -163,7 +163,7 @@ def test_create_refuses_and_writes_nothing(sr_run, study, tmp_path, capsys) -> N
         ([str(sr_run), "--images", "0"], "--images"),
         ([str(sr_run), "--temperatures", "0.8", "0.8"], "distinct"),
         ([str(sr_run), "--temperatures", "-1"], ">= 0"),
-        ([f"a=b={sr_run}"], "condition name"),
+        ([f"no spaces={sr_run}"], "condition name"),
         ([f"x={sr_run}", f"x={sr_run}"], "must differ"),
         ([str(sr_run), "--image-size", "16"], "convert the images"),
     ]

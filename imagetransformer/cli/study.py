@@ -58,10 +58,12 @@ def add_parser(subparsers) -> None:
 
 
 def _conditions(specs: list[str]) -> list[tuple[str, str]]:
-    """(name, run folder) of each NAME=RUN_DIR or RUN_DIR."""
+    """(name, run folder) of each RUN_DIR (named after the folder) or NAME=RUN_DIR."""
     named = []
     for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name, _, path = ("", "", spec) if Path(spec).is_dir() else spec.partition("=")
+        if not path:  # no '=' and no such folder: open_model says so
+            name, path = "", spec
         named.append((check_condition_name(name or Path(path).resolve().name), path))
     return named
 
@@ -71,7 +73,8 @@ def run_create(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1")
     device = common.device(args.device)
     runs = []
-    for name, path in _conditions(args.runs):
+    conditions = _conditions(args.runs)
+    for name, path in conditions:
         model = common.open_model(path, device)
         if model.config.task != "superres":
             raise UserError(
@@ -81,7 +84,7 @@ def run_create(args: argparse.Namespace) -> int:
         the_run = common.open_run(path)
         preset = the_run.info.preset if the_run else None
         runs.append((Condition(name, str(Path(path).resolve()), model.config.scale, preset), model))
-    args.run_dir = args.runs[0].rpartition("=")[2]
+    args.run_dir = conditions[0][1]  # whose data and conversion the study takes by default
     spec, options, _ = common.data_for_run(args, args.data)
     dataset = options.load(spec, args.split)
     for condition, model in runs:
@@ -104,8 +107,7 @@ def run_create(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {len(manifest.images)} images of {spec} {args.split}, "
         f"{len(manifest.pairs)} pairs ({len(runs)} condition{'s' * (len(runs) > 1)} x "
-        f"{len(manifest.temperatures)} temperatures); each rater judges {len(manifest.images)} "
-        "of them "
+        f"{len(manifest.temperatures)} temperatures); each rater judges one pair per image "
         f"(serve it with: imagetransformer study serve {args.out})"
     )
     return 0
