@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -93,18 +94,16 @@ def stream_times(host: str, port: int, query: str) -> tuple[float, float, int]:
     return first, total, frames
 
 
-def playground(run: str, screenshots: Path | None, lines: list[str]) -> None:
+def playground(run: str, screenshots: Path | None, lines: list[str], repeats: int) -> None:
     with ServerProcess("serve", run) as server:
         host, port = server.host_port
         lines += ["| request | n | median ms | p95 ms |", "|---|---|---|---|"]
-        lines.append(_row("playground `GET /`", _timed(lambda: _get(server.url), 30)))
-        lines.append(_row("`GET /api/info`", _timed(lambda: _get(server.url + "api/info"), 30)))
-        lines.append(
-            _row(
-                "`GET /api/test-image`",
-                _timed(lambda: _get(server.url + "api/test-image?index=0&page=complete"), 30),
-            )
-        )
+        for name, path in (
+            ("playground `GET /`", ""),
+            ("`GET /api/info`", "api/info"),
+            ("`GET /api/test-image`", "api/test-image?index=0&page=complete"),
+        ):
+            lines.append(_row(name, _timed(lambda path=path: _get(server.url + path), repeats)))
         lines += ["", "| generation | first frame ms | all done ms | frames |", "|---|---|---|---|"]
         for query in ("page=sample&n=1", "page=sample&n=16", "page=complete&n=4&index=0&keep=0.5"):
             runs = [stream_times(host, port, query) for _ in range(3)]
@@ -134,14 +133,26 @@ def playground(run: str, screenshots: Path | None, lines: list[str]) -> None:
                 page = chromium.new_page(viewport={"width": 1000, "height": 900})
                 page.goto(server.url)
                 page.click("#page-sample button[type=submit]")
-                page.wait_for_selector("#page-sample [data-state=done]", timeout=120_000)
+                _when_half_drawn(page.locator("#page-sample .status"))  # the picture as it grows
                 page.screenshot(path=str(screenshots / "playground_page.png"), full_page=True)
+                page.wait_for_selector("#page-sample [data-state=done]", timeout=120_000)
                 page.click("#tab-complete")
                 page.fill("#page-complete [name=index]", "7")
                 page.click("#page-complete button[type=submit]")
                 page.wait_for_selector("#page-complete [data-state=done]", timeout=120_000)
                 path = screenshots / "playground_complete.png"
                 page.screenshot(path=str(path), full_page=True)
+
+
+def _when_half_drawn(status, timeout: float = 120.0) -> None:
+    """Return once the status line reads "step S of T" with S at least T/2."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"step (\d+) of (\d+)", status.text_content() or "")
+        if match and 2 * int(match.group(1)) >= int(match.group(2)):
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the generation did not reach half-way")
 
 
 def upscale_screenshot(sr_run: str, screenshots: Path) -> None:
@@ -156,29 +167,30 @@ def upscale_screenshot(sr_run: str, screenshots: Path) -> None:
         page.screenshot(path=str(screenshots / "playground_upscale.png"), full_page=True)
 
 
-def study(sr_run: str, raters: int, screenshots: Path | None, lines: list[str]) -> None:
+def study(
+    sr_run: str, raters: int, screenshots: Path | None, lines: list[str], images: int, repeats: int
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(Path(tmp) / "study")
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "imagetransformer", "study", "create", sr_run, "--images", "50",
-             "--temperatures", "0.8", "0.9", "1.0", "--out", folder],
+            [sys.executable, "-m", "imagetransformer", "study", "create", sr_run,
+             "--images", str(images), "--temperatures", "0.8", "0.9", "1.0", "--out", folder],
             check=True, capture_output=True,
         )  # fmt: skip
         lines.append(
-            f"`study create` of 50 images x 3 temperatures (150 samples and 50 truths): "
-            f"{time.perf_counter() - started:.1f} s"
+            f"`study create` of {images} images x 3 temperatures ({3 * images} samples and "
+            f"{images} truths): {time.perf_counter() - started:.1f} s"
         )
         lines += ["", "| request | n | median ms | p95 ms |", "|---|---|---|---|"]
         with ServerProcess("study", "serve", folder) as server:
-            lines.append(_row("study `GET /`", _timed(lambda: _get(server.url), 30)))
+            lines.append(_row("study `GET /`", _timed(lambda: _get(server.url), repeats)))
             _, made = _post(server.url + "api/raters")
             shown = json.loads(_get(server.url + f"api/next?rater={made['rater']}"))
             image = server.url + shown["left"].lstrip("/")
-            lines.append(_row("`GET /stimulus/TOKEN`", _timed(lambda: _get(image), 30)))
-            lines.append(
-                _row("`POST /api/raters`", _timed(lambda: _post(server.url + "api/raters"), 30))
-            )
+            lines.append(_row("`GET /stimulus/TOKEN`", _timed(lambda: _get(image), repeats)))
+            new_rater = lambda: _post(server.url + "api/raters")  # noqa: E731
+            lines.append(_row("`POST /api/raters`", _timed(new_rater, repeats)))
             if screenshots:
                 with browser() as chromium:
                     page = chromium.new_page(viewport={"width": 900, "height": 640})
@@ -191,8 +203,8 @@ def study(sr_run: str, raters: int, screenshots: Path | None, lines: list[str]) 
             lines.append(_row(f"`POST /api/answer`, {raters} raters at once", answers["ms"]))
         lines.append("")
         lines.append(
-            f"Load: {raters} raters at once, each answering all 50 of their pairs and replaying "
-            f"30% of them: {answers['acknowledged']} answers acknowledged in "
+            f"Load: {raters} raters at once, each answering all {images} of their pairs and "
+            f"replaying 30% of them: {answers['acknowledged']} answers acknowledged in "
             f"{answers['seconds']:.1f} s ({answers['acknowledged'] / answers['seconds']:.0f}/s), "
             f"{answers['stored']} stored, {answers['lost']} lost, {answers['duplicated']} "
             f"duplicated, {answers['replays_refused']} of {answers['replays']} replays refused."
@@ -295,6 +307,8 @@ def main() -> int:
     parser.add_argument("--run", default="runs/mnist_1d")
     parser.add_argument("--sr-run", default="runs/mnist_sr")
     parser.add_argument("--raters", type=int, default=20)
+    parser.add_argument("--images", type=int, default=50, help="images of the study")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per request")
     parser.add_argument("--screenshots", type=Path, help="save both pages here as PNG")
     args = parser.parse_args()
     for run in (args.run, args.sr_run):
@@ -311,11 +325,11 @@ def main() -> int:
         f"### Playground (`imagetransformer serve {args.run}`)",
         "",
     ]
-    playground(args.run, args.screenshots, lines)
+    playground(args.run, args.screenshots, lines, args.repeats)
     if args.screenshots:
         upscale_screenshot(args.sr_run, args.screenshots)
     lines += ["", f"### Study (`imagetransformer study serve`, stimuli from {args.sr_run})", ""]
-    study(args.sr_run, args.raters, args.screenshots, lines)
+    study(args.sr_run, args.raters, args.screenshots, lines, args.images, args.repeats)
     print("\n".join(lines))
     return 0
 

@@ -1,6 +1,10 @@
-"""The GPU benchmark script runs its code paths (on the CPU, tiny) and refuses a CPU-only run."""
+"""The GPU benchmark script runs its code paths (on the CPU, tiny) and refuses a CPU-only run;
+the web benchmark runs on tiny runs."""
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +41,33 @@ def test_gpu_benchmark_refuses_a_cpu_only_machine(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA" in lines[0]
+
+
+def _tiny_run(out: Path, *extra: str) -> Path:
+    from imagetransformer.cli import main
+
+    argv = ["train", "--preset", "tiny", "--image-size", "8", "--quiet", "--out", str(out)]
+    quick = ["--set", "max_steps=2", "--set", "eval_every=0", "--set", "sample_count=0"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*argv, *quick, *extra]) == 0
+    return out
+
+
+def test_web_benchmark_measures_both_servers_and_loses_no_answer(tmp_path):
+    """benchmarks/web.py on tiny runs: every part runs, and its load and SIGKILL runs find
+    every acknowledged answer stored exactly once."""
+    run = _tiny_run(tmp_path / "run")
+    sr_run = _tiny_run(tmp_path / "sr", "--task", "superres", "--scale", "2")
+    script = SCRIPT.parent / "web.py"
+    argv = ["--run", str(run), "--sr-run", str(sr_run), "--raters", "3", "--images", "4"]
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| `page=sample&n=16` (median of 3) |" in done.stdout
+    assert "12 answers acknowledged" in done.stdout and "0 lost, 0 duplicated" in done.stdout
+    assert "0 of them missing after it" in done.stdout
