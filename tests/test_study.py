@@ -389,6 +389,18 @@ def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> No
         assert status == 400 and "choice" in refused["error"]
 
 
+def test_a_busy_port_is_one_line(fresh) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, _, err = _quiet(["study", "serve", str(fresh), "--port", str(port)])
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 # The report -------------------------------------------------------------------------------------
 def test_report_counts_and_fool_rates(fresh, tmp_path) -> None:
     manifest = Manifest.read(fresh)
