@@ -176,7 +176,7 @@ def playground_app(run_dir: str | Path, device: torch.device) -> Starlette:
     app = Starlette(
         routes=[
             Route("/", page("playground.html"), methods=["GET"]),
-            *asset_routes(),
+            *asset_routes("playground"),
             Route("/api/info", info, methods=["GET"]),
             Route("/api/test-image", test_image_png, methods=["GET"]),
             Route("/api/upload", upload, methods=["POST"]),

@@ -47,23 +47,27 @@ def require_web() -> None:
         ) from None
 
 
-def static_assets() -> dict[str, Path]:
-    """The files the server may send, by name: what ships in `static/`, read once."""
+def static_assets(app: str) -> dict[str, Path]:
+    """The files an app may send, by name: its own in `static/` (`APP.html`, `APP.js`, ...)."""
     return {
         path.name: path
         for path in sorted(STATIC_DIR.iterdir())
-        if path.is_file() and path.suffix in _MEDIA_TYPES and re.fullmatch(r"[\w.-]+", path.name)
+        if path.is_file()
+        and path.stem == app
+        and path.suffix in _MEDIA_TYPES
+        and re.fullmatch(r"[\w.-]+", path.name)
     }
 
 
-def asset_routes() -> list[Route]:
-    """`/static/NAME` for the names of `static_assets()` only; anything else is 404."""
+def asset_routes(app: str) -> list[Route]:
+    """`/static/NAME` for the names of `static_assets(app)` only, read once; anything else,
+    another app's files included, is 404."""
     from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
     assets = {
         name: (path.read_bytes(), _MEDIA_TYPES[path.suffix])
-        for name, path in static_assets().items()
+        for name, path in static_assets(app).items()
     }
 
     async def asset(request) -> Response:

@@ -108,7 +108,7 @@ def study_app(study_dir: str | Path) -> Starlette:
     return Starlette(
         routes=[
             Route("/", page("study.html"), methods=["GET"]),
-            *asset_routes(),
+            *asset_routes("study"),
             Route("/stimulus/{token}", stimulus, methods=["GET"]),
             Route("/api/study", study, methods=["GET"]),
             Route("/api/raters", new_rater, methods=["POST"]),
