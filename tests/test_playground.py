@@ -501,4 +501,21 @@ def test_the_page_in_a_browser_samples_and_completes_an_upload(server, tmp_path)
         expect(complete.locator(".result")).to_have_attribute("data-state", "done", timeout=30_000)
         assert complete.locator(".output").get_attribute("src").startswith("data:image/png")
         screenshot(page, "playground-complete", tmp_path)
+
+        # closing a tab mid-generation cancels its work on the server
+        before = _jobs(server)
+        tab = chromium.new_page()
+        tab.goto(server.url)
+        tab.wait_for_selector("body[data-ready=true]")
+        tab.locator("#page-sample [name=n]").fill("64")
+        tab.locator("#page-sample button[type=submit]").click()
+        expect(tab.locator("#page-sample .status")).to_contain_text("step", timeout=30_000)
+        assert _jobs(server)["running"] == 1
+        tab.close()
+        closed = time.monotonic()
+        while _jobs(server)["running"] and time.monotonic() - closed < 5:
+            time.sleep(0.02)
+        after = _jobs(server)
+        assert after["running"] == 0 and time.monotonic() - closed < 2.0
+        assert after["cancelled"] == before["cancelled"] + 1 and after["done"] == before["done"]
     assert not errors, errors
