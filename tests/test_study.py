@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -452,8 +453,19 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
     real_tokens = {p.real for p in manifest.pairs}
     picked_sample = []
 
+    shown = []  # the pairs judged, in order
+
     def judge(page, count: int) -> None:
         for i in range(count):
+            # Wait for the pair itself (a new one, both images loaded), not for a button.
+            pair = page.wait_for_function(
+                """seen => {
+                  const pair = document.querySelector('#task').dataset.pair;
+                  return pair && !seen.includes(pair) ? pair : null;
+                }""",
+                arg=shown,
+            ).json_value()
+            shown.append(pair)
             expect(page.locator("#left")).to_be_enabled()
             left = page.get_attribute("#left-image", "src").rsplit("/", 1)[1]
             right = page.get_attribute("#right-image", "src").rsplit("/", 1)[1]
@@ -472,6 +484,12 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
         page = chromium.new_page(viewport={"width": 900, "height": 720})
         errors = []
         page.on("pageerror", lambda err: errors.append(str(err)))
+
+        def slow_image(route) -> None:  # slow networks: the pair arrives after the page is up
+            time.sleep(0.3)
+            route.continue_()
+
+        page.route("**/stimulus/**", slow_image)
         server = ServerProcess("study", "serve", str(fresh))
         try:
             page.goto(server.url)
@@ -488,6 +506,7 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
         with ServerProcess("study", "serve", str(fresh), port=port) as server:
             page.goto(server.url)
             page.wait_for_selector("#start:has-text('Continue')")
+            expect(page.locator("#left")).to_be_disabled()  # no pair on screen yet
             page.click("#start")
             judge(page, IMAGES - IMAGES // 2)
             page.wait_for_selector("#finished:not([hidden])")

@@ -54,10 +54,14 @@ async function render(next) {
   $("left").focus();
 }
 
+// The buttons start disabled (in the HTML) and are enabled only while a pair is on screen with
+// both images loaded; #task's data-pair names that pair then, and is absent otherwise.
 function setBusy(value) {
   busy = value;
   $("left").disabled = value;
   $("right").disabled = value;
+  if (value || !current) delete $("task").dataset.pair;
+  else $("task").dataset.pair = current.pair;
 }
 
 async function choose(side) {
