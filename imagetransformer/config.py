@@ -177,8 +177,11 @@ class TrainConfig:
     input_noise: float = 0.0  # fraction of training intensities replaced by uniform noise
     label_smoothing: float = 0.0  # training loss only; evaluation never smooths
     seed: int = 0
-    eval_every: int = 500  # steps between test bits/dim evaluations (0: only at the end)
-    eval_images: int = 0  # test images per periodic evaluation (0: the whole split)
+    # fraction of the training images held out to choose the weights on (0: none, keep the last)
+    validation_fraction: float = 0.1
+    hflip: bool = False  # mirror each training image left-right with probability 1/2
+    eval_every: int = 500  # steps between validation evaluations (0: only at the end)
+    eval_images: int = 0  # validation images per evaluation (0: the whole split)
     checkpoint_every: int = 200  # steps between atomic checkpoints
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     sample_count: int = 16
@@ -209,13 +212,19 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise UserError(
+                f"validation_fraction must be in [0, 1) (0: no validation split), got "
+                f"{self.validation_fraction}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
+        # runs recorded before validation splits existed trained on the whole train split
+        return _from_dict(cls, {"validation_fraction": 0.0, **data})
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

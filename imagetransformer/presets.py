@@ -218,6 +218,7 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
             eval_every=1000,
             eval_images=200,
             checkpoint_every=250,
+            hflip=True,
         ),
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
         "per pixel, local 1D over 2-row blocks with 4 rows of memory, 4 layers d=64, "

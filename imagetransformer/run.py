@@ -26,6 +26,7 @@ from .checkpoint import (
 )
 from .config import ImageTransformerConfig, TrainConfig, apply_overrides
 from .data import ImageDataset, load_dataset
+from .data.validation import split_validation
 from .errors import UserError
 from .presets import (
     DEFAULT_PRESET,
@@ -36,6 +37,8 @@ from .presets import (
 )
 
 RUN_FILE = "run.json"
+VALIDATION = "validation"  # the split held out of train to choose weights on
+SPLITS = ("train", VALIDATION, "test")
 LOG_FILE = "log.jsonl"
 SAMPLES_DIR = "samples"
 # Settings a resumed run may change: they steer the loop, not the function being learned.
@@ -89,6 +92,8 @@ class RunInfo:
     channels: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     world_size: int | None = None  # processes of the latest (re)start; None: not recorded
+    # the step and validation bits/dim of the weights in model.safetensors (None: the latest)
+    selected: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -99,6 +104,7 @@ class RunInfo:
                 "image_size": self.image_size,
                 "channels": self.channels,
                 "world_size": self.world_size,
+                "selected": self.selected,
                 **self.extra,
             },
             indent=2,
@@ -118,6 +124,7 @@ class RunInfo:
                 image_size=data.pop("image_size", None),
                 channels=data.pop("channels", None),
                 world_size=data.pop("world_size", None),
+                selected=data.pop("selected", None),
                 extra=data,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
@@ -261,8 +268,26 @@ class Run:
     def load_split(
         self, split: str, options: DataOptions | None = None, data: str | None = None
     ) -> ImageDataset:
-        """A split of the run's data (or of `data`), converted as the run was trained."""
-        return self.info.data_options(options).load(data or self.info.data, split)
+        """A split of the run's data (or of `data`), converted as the run was trained.
+
+        `train` is what the run trains on: the data's train split less the validation images
+        (`validation`), which the run holds out to choose its weights.
+        """
+        return load_run_split(
+            self.info.data_options(options),
+            data or self.info.data,
+            split,
+            self.info.train.validation_fraction,
+        )
+
+    def load_training_splits(
+        self, options: DataOptions | None = None
+    ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
+        """(train, validation or None, test) of the run's data, as the run trains on them."""
+        options = self.info.data_options(options)
+        whole = options.load(self.info.data, "train")
+        train, validation = split_validation(whole, self.info.train.validation_fraction)
+        return train, validation, options.load(self.info.data, "test")
 
     def check_data(self, dataset: ImageDataset, training: bool = False) -> None:
         """Refuse a data set the model cannot read, naming the flags or preset that fix it."""
@@ -285,7 +310,9 @@ class Run:
         check_batch_layout(state, self.info.train, context, self.checkpoint_path)
 
     # Describing --------------------------------------------------------------------------------
-    def describe(self, num_parameters: int, train_size: int, test_size: int, device) -> str:
+    def describe(
+        self, num_parameters: int, train_size: int, validation_size: int, test_size: int, device
+    ) -> str:
         """The opening line of a training run."""
         config = self.config
         extras = ""
@@ -296,9 +323,30 @@ class Run:
         return (
             f"training {self.info.preset or 'model'} ({num_parameters / 1e6:.2f}M parameters, "
             f"{config.attention}, {'x'.join(map(str, config.image_shape))}{extras}) on "
-            f"{self.info.data}: {train_size} train / {test_size} test images, device {device}, "
+            f"{self.info.data}: {train_size} train / {validation_size} validation / {test_size} "
+            f"test images, device {device}, "
             f"run folder {self.path}"
         )
+
+
+def load_run_split(
+    options: DataOptions, spec: str, split: str, validation_fraction: float
+) -> ImageDataset:
+    """Split `split` of data set `spec` as a run that holds out `validation_fraction` of the
+    train split sees it: `train` without the validation images, `validation`, or `test`."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split == "test":
+        return options.load(spec, split)
+    train, validation = split_validation(options.load(spec, "train"), validation_fraction)
+    if split == "train":
+        return train
+    if validation is None:
+        raise UserError(
+            f"no validation images: the run holds out none (validation_fraction="
+            f"{validation_fraction}) of {spec}'s train split; use --split train or test"
+        )
+    return validation
 
 
 def default_run_dir(preset: str, resume: bool = False) -> Path:

@@ -140,8 +140,42 @@ class TrainingLoss(torch.nn.Module):
         return self.model.loss(images, labels, self.label_smoothing)
 
 
+def flip_mask(step: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Which images of step `step`'s global batch are mirrored (hflip): a fixed function of
+    (seed, step), like the batch itself, so resuming and the number of processes change nothing."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + step + 7_919)
+    return torch.rand(global_batch, generator=generator) < 0.5
+
+
+def micro_batches(
+    step: int, n: int, cfg: TrainConfig, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Process `rank`'s share of step `step`'s global batch, in micro-batches: (image indices,
+    which of them to mirror, or None without hflip).
+
+    The global batch (batch_size x processes x grad_accum images) and its flips are the same
+    function of (seed, step) as in a single process, so the number of processes does not change
+    what is learned.
+    """
+    per_step = cfg.batch_size * world_size * cfg.grad_accum
+    idx = batch_indices(step, n, per_step, cfg.seed)
+    flips = flip_mask(step, per_step, cfg.seed) if cfg.hflip else None
+    out = []
+    for m in range(cfg.grad_accum):
+        start = (m * world_size + rank) * cfg.batch_size
+        part = slice(start, start + cfg.batch_size)
+        out.append((idx[part], None if flips is None else flips[part]))
+    return out
+
+
 class Trainer:
-    """Trains the model of a `Run`: builds or resumes it, evaluates, checkpoints, samples."""
+    """Trains the model of a `Run`: builds or resumes it, evaluates, checkpoints, samples.
+
+    With a validation split, the weights that `model.safetensors` keeps are those of the
+    evaluation with the lowest validation bits/dim (run.json's `selected` names their step),
+    while the checkpoint keeps the latest state, so that resuming stays exact. The test split is
+    only reported, for the selected weights.
+    """
 
     def __init__(
         self,
@@ -151,17 +185,20 @@ class Trainer:
         device: str | torch.device = "cpu",
         progress: bool = True,
         context: distributed.Context = distributed.SINGLE,
+        validation_set: ImageDataset | None = None,
     ) -> None:
         self.run = run
         self.context = context
         self.config = run.config
         self.cfg: TrainConfig = run.info.train
         self.train_set, self.test_set = train_set, test_set
+        self.validation_set = validation_set
         self.device = torch.device(device)
         self.progress = progress and context.is_main
         run.check_data(train_set, training=True)
-        if test_set is not None:
-            run.check_data(test_set, training=True)
+        for held_out in (test_set, validation_set):
+            if held_out is not None:
+                run.check_data(held_out, training=True)
         torch.manual_seed(self.cfg.seed)
         self.model = ImageTransformer(run.config).to(self.device)
         self.model.distribution.check_label_smoothing(self.cfg.label_smoothing)
@@ -186,6 +223,12 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict[str, Any]] = []
+        # model selection: the best validation evaluation so far and its weights (on the CPU)
+        self.best: dict[str, Any] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_written: int | None = None  # the step of the weights in model.safetensors
+        self.train_window = [0.0, 0]  # training loss sum and steps since the last evaluation
+        self.overfit_warned = False
 
     @property
     def eval_model(self) -> ImageTransformer:
@@ -218,6 +261,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = self.saved_step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.best = state.get("best")
+        self.best_state = state.get("best_model")
+        window = state.get("train_window", [0.0, 0])
+        self.train_window = [float(window[0]), int(window[1])]
+        self.overfit_warned = bool(state.get("overfit_warned", False))
         self._restore_rng(state)
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
@@ -265,25 +313,29 @@ class Trainer:
         if self.device.type == "cuda":
             state["rng_cuda"] = rng["cuda"]
             state["rng_cuda_ranks"] = [r["cuda"] for r in ranks]
+        if self.best is not None:
+            state["best"] = self.best
+            state["best_model"] = self.best_state
+        state["train_window"] = list(self.train_window)
+        state["overfit_warned"] = self.overfit_warned
         save_checkpoint(self.run.checkpoint_path, state, previous_step=self.saved_step)
         self.saved_step = self.step
-        save_pretrained(self.eval_model, self.run.path)
+        self._write_weights()
+
+    def _write_weights(self) -> None:
+        """model.safetensors: the selected weights once a validation evaluation has chosen
+        some (written when they change), the latest evaluated weights before that."""
+        if self.best_state is None:
+            save_pretrained(self.eval_model, self.run.path)
+            return
+        if self.best_written != self.best["step"]:
+            save_pretrained(self.eval_model, self.run.path, state_dict=self.best_state)
+            self.best_written = self.best["step"]
 
     # Loop --------------------------------------------------------------------------------------
-    def _micro_batches(self) -> list[torch.Tensor]:
-        """This process's share of the global batch of the current step, in micro-batches.
-
-        The global batch (batch_size x processes x grad_accum images) is the same function of
-        (seed, step) as in a single process, so the number of processes does not change what
-        is learned.
-        """
-        cfg, ctx = self.cfg, self.context
-        per_step = cfg.batch_size * ctx.world_size * cfg.grad_accum
-        idx = batch_indices(self.step, len(self.train_set), per_step, cfg.seed)
-        return [
-            idx[(m * ctx.world_size + ctx.rank) * cfg.batch_size :][: cfg.batch_size]
-            for m in range(cfg.grad_accum)
-        ]
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        ctx = self.context
+        return micro_batches(self.step, len(self.train_set), self.cfg, ctx.rank, ctx.world_size)
 
     def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -293,8 +345,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = self._micro_batches()
         total_loss = 0.0
-        for m, idx in enumerate(micro):
+        for m, (idx, flips) in enumerate(micro):
             images, labels = self.train_set.batch(idx)
+            if flips is not None:
+                images = torch.where(flips[:, None, None, None], images.flip(-1), images)
             images = perturb(images.to(self.device), cfg.input_noise)
             labels = (
                 labels.to(self.device) if self.config.num_classes and labels is not None else None
@@ -319,32 +373,104 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
+        self.train_window[0] += total_loss
+        self.train_window[1] += 1
         metrics = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm)}
         if cfg.label_smoothing == 0:  # the loss is then the training images' exact nats/dim
             metrics["bits_per_dim"] = total_loss / math.log(2)
         return metrics
 
     def evaluate(
-        self, max_images: int = 0, model: ImageTransformer | None = None
+        self,
+        max_images: int = 0,
+        model: ImageTransformer | None = None,
+        dataset: ImageDataset | None = None,
     ) -> dict[str, Any]:
-        """Test bits/dim of the evaluated weights (or of `model`)."""
-        if self.test_set is None:
+        """Bits/dim of the evaluated weights (or of `model`) on the test split (or `dataset`)."""
+        dataset = self.test_set if dataset is None else dataset
+        if dataset is None:
             return {}
         return evaluate(
             model or self.eval_model,
-            self.test_set,
+            dataset,
             batch_size=64,
             max_images=max_images,
             precision=self.cfg.precision,
             context=self.context,
         )
 
-    def sample_grid(self) -> Path:
+    def validate(self, logger: _Logger | None = None) -> dict[str, Any]:
+        """Evaluate the validation images (the first `eval_images`), keep the weights if they
+        are the best so far, and say once when validation rises while training falls."""
+        assert self.validation_set is not None
+        result = self.evaluate(self.cfg.eval_images, dataset=self.validation_set)
+        loss_sum, steps = self.train_window
+        entry = {"step": self.step, "split": "validation", **result}
+        if steps:
+            entry["train_bits_per_dim"] = loss_sum / steps / math.log(2)
+        self.train_window = [0.0, 0]
+        self.history.append(entry)
+        if logger is not None:
+            logger.log(self.step, "validation", _scalars(result))
+        improved = self.best is None or result["bits_per_dim"] < self.best["bits_per_dim"]
+        if improved:
+            self.best = {
+                "step": self.step,
+                "bits_per_dim": result["bits_per_dim"],
+                "images": result["images"],
+            }
+            self.best_state = _cpu_copy(self.eval_model)
+            if self.context.is_main:
+                self._write_weights()
+                self.run.info.selected = dict(self.best)
+                self.run.record_info(self.context)
+        if self.context.is_main:
+            best = " (best so far)" if improved else f" (best {self.best['bits_per_dim']:.4f})"
+            tqdm.write(f"step {self.step}: validation bits/dim {result['bits_per_dim']:.4f}{best}")
+            self._warn_if_overfitting()
+        return result
+
+    def _warn_if_overfitting(self) -> None:
+        """One line, once: validation bits/dim rose at two evaluations in a row while the
+        training images' bits/dim fell."""
+        evals = [h for h in self.history if h.get("split") == "validation"]
+        if self.overfit_warned or len(evals) < 3:
+            return
+        last = evals[-3:]
+        val = [h["bits_per_dim"] for h in last]
+        train = [h.get("train_bits_per_dim") for h in last]
+        if None in train or not (val[0] < val[1] < val[2] and train[0] > train[1] > train[2]):
+            return
+        self.overfit_warned = True
+        assert self.best is not None
+        tqdm.write(
+            f"warning: validation bits/dim rose for two evaluations ({val[0]:.3f} -> "
+            f"{val[1]:.3f} -> {val[2]:.3f}) while train bits/dim fell ({train[0]:.3f} -> "
+            f"{train[1]:.3f} -> {train[2]:.3f}): the model is overfitting; model.safetensors "
+            f"keeps step {self.best['step']}; more images, --set hflip=true or fewer steps help"
+        )
+
+    @contextlib.contextmanager
+    def selected_weights(self):
+        """The evaluated model holding the selected weights for the duration (then the latest
+        again); the latest weights when nothing was selected."""
+        model = self.eval_model
+        if self.best_state is None:
+            yield model
+            return
+        latest = _cpu_copy(model)
+        model.load_state_dict(self.best_state)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(latest)
+
+    def sample_grid(self, model: ImageTransformer | None = None) -> Path:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
         labels = None
         n = self.cfg.sample_count
         path = self.run.sample_path(self.step)
-        model = self.eval_model
+        model = model or self.eval_model
         if self.config.task == "superres":  # input | sample | truth for the first test images
             from .layout import area_downsample
             from .superres import superres_rows
@@ -392,39 +518,63 @@ class Trainer:
                     bar.set_postfix(postfix)
                     logger.log(self.step, "train", metrics)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    result = self.evaluate(cfg.eval_images)
-                    if result:
-                        self.history.append({"step": self.step, **result})
-                        logger.log(self.step, "test", _scalars(result))
-                        if self.context.is_main:
-                            tqdm.write(
-                                f"step {self.step}: test bits/dim {result['bits_per_dim']:.4f}"
-                            )
+                    self._periodic_evaluation(logger)
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.context.is_main:
                     self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save()
         finally:
             bar.close()
-        result = self.evaluate(0)
-        if result and self.ema is not None:  # what the average gained, on the same images
-            result["bits_per_dim_raw_weights"] = self.evaluate(0, self.model)["bits_per_dim"]
-        if result:
-            self.history.append({"step": self.step, "final": True, **result})
-            logger.log(self.step, "test", _scalars(result))
+        if self.validation_set is not None and not self._validated_at(self.step):
+            self.validate(logger)
         self.save()
-        if cfg.sample_count and self.context.is_main:
-            result["samples"] = str(self.sample_grid())
+        with self.selected_weights() as model:
+            result = self.evaluate(0, model)
+            selected = self.best["step"] if self.best is not None else self.step
+            if result and self.ema is not None and selected == self.step:
+                # what the average gained, on the same images
+                result["bits_per_dim_raw_weights"] = self.evaluate(0, self.model)["bits_per_dim"]
+            if self.best is not None:
+                result["selected_step"] = self.best["step"]
+                result["validation_bits_per_dim"] = self.best["bits_per_dim"]
+            if "bits_per_dim" in result:
+                self.history.append({"step": self.step, "final": True, **result})
+                logger.log(self.step, "test", _scalars(result))
+            if cfg.sample_count and self.context.is_main:
+                result["samples"] = str(self.sample_grid(model))
         logger.close()
         return result
 
+    def _periodic_evaluation(self, logger: _Logger) -> None:
+        """Validation (choosing weights) when the run holds some out, else the test split,
+        reported only."""
+        if self.validation_set is not None:
+            self.validate(logger)
+            return
+        result = self.evaluate(self.cfg.eval_images)
+        if result:
+            self.history.append({"step": self.step, **result})
+            logger.log(self.step, "test", _scalars(result))
+            if self.context.is_main:
+                tqdm.write(f"step {self.step}: test bits/dim {result['bits_per_dim']:.4f}")
+
+    def _validated_at(self, step: int) -> bool:
+        return any(h.get("split") == "validation" and h["step"] == step for h in self.history)
+
 
 def _scalars(result: dict[str, Any]) -> dict[str, Any]:
-    out = {k: result[k] for k in ("bits_per_dim", "bits_per_dim_raw_weights") if k in result}
+    keys = ("bits_per_dim", "bits_per_dim_raw_weights", "selected_step")
+    out = {k: result[k] for k in keys if k in result}
     for c, value in enumerate(result.get("bits_per_dim_per_channel", [])):
         out[f"bits_per_dim_channel{c}"] = value
     return out
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors on the CPU: on a CPU these are the live tensors, not copies."""
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's tensors on the CPU that later steps do not change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

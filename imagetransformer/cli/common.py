@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..data import ImageDataset
 from ..errors import UserError
 from ..images import fit_image, open_image
 from ..model import ImageTransformer
 from ..precision import PRECISIONS
-from ..run import DataOptions, Run, check_data_fits
+from ..run import SPLITS, DataOptions, Run, check_data_fits, load_run_split
 
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
@@ -63,7 +64,7 @@ def add_image_source(parser: argparse.ArgumentParser, image_help: str) -> None:
     works on given images."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help=image_help)
-    source.add_argument("--from-split", choices=("train", "test"), help="images of the run's data")
+    source.add_argument("--from-split", choices=SPLITS, help="images of the run's data")
     parser.add_argument("--count", type=int, default=4, help="images taken from --from-split")
 
 
@@ -103,9 +104,26 @@ def model_and_split(args: argparse.Namespace):
         raise UserError("--batch-size must be at least 1 and --limit at least 0")
     model = open_model(args.run_dir, device(args.device))
     spec, options, the_run = data_for_run(args, args.data)
-    dataset = options.load(spec, args.split)
+    dataset = load_split(spec, options, args.split, the_run)
     check_data_fits(model.config, dataset, training=False)
     return model, dataset, spec, options, the_run
+
+
+def load_split(spec: str, options: DataOptions, split: str, the_run: Run | None) -> ImageDataset:
+    """Split `split` of `spec`; `train` and `validation` as `the_run` divided its train split
+    (a bare model folder held out nothing)."""
+    fraction = the_run.info.train.validation_fraction if the_run is not None else 0.0
+    return load_run_split(options, spec, split, fraction)
+
+
+def add_split(parser: argparse.ArgumentParser, default: str = "test") -> None:
+    parser.add_argument(
+        "--split",
+        default=default,
+        choices=SPLITS,
+        help="validation: the part of train a run holds out to choose its weights "
+        f"(default {default})",
+    )
 
 
 def images_from_split(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:

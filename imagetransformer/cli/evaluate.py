@@ -16,7 +16,7 @@ from . import common
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="exact bits/dim of a run on a data split")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    common.add_split(p)
     p.add_argument("--data", help="data set (default: the one the run trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(

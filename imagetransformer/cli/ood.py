@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
         help=f"out-of-distribution data: a data set or path, or one made from the --in set: "
         f"{', '.join(SYNTHETIC)}",
     )
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    common.add_split(p)
     p.add_argument("--background", help="run folder of a background model (likelihood ratio)")
     p.add_argument("--report", help="folder for per-image scores and ROC curves")
     p.add_argument("--limit", type=int, default=0, help="only the first N images of each set")
@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
     background = common.open_model(args.background, device) if args.background else None
-    in_spec, options, _ = common.data_for_run(args, args.in_data)
-    in_set = options.load(in_spec, args.split)
+    in_spec, options, the_run = common.data_for_run(args, args.in_data)
+    in_set = common.load_split(in_spec, options, args.split, the_run)
     if args.limit:
         in_set = _first(in_set, args.limit)
     if args.out_data in SYNTHETIC:
         out_set = synthetic_set(args.out_data, in_set)
     else:
-        out_set = options.load(args.out_data, args.split)
+        out_set = common.load_split(args.out_data, options, args.split, the_run)
         if args.limit:
             out_set = _first(out_set, args.limit)
     for dataset in (in_set, out_set):

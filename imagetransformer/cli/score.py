@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="bits of every image and sub-pixel, with plots")
     p.add_argument("run_dir")
     p.add_argument("--data", help="data set or path (default: the one the run trained on)")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    common.add_split(p)
     p.add_argument("--out", help="report folder (default: RUN_DIR/scores)")
     p.add_argument(
         "--marginal",

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
         "given as NAME=RUN_DIR)",
     )
     create.add_argument("--data", help="data set or path (default: the first run's own)")
-    create.add_argument("--split", default="test", choices=("train", "test"))
+    common.add_split(create)
     create.add_argument(
         "--temperatures",
         type=float,
@@ -85,8 +85,8 @@ def run_create(args: argparse.Namespace) -> int:
         preset = the_run.info.preset if the_run else None
         runs.append((Condition(name, str(Path(path).resolve()), model.config.scale, preset), model))
     args.run_dir = conditions[0][1]  # whose data and conversion the study takes by default
-    spec, options, _ = common.data_for_run(args, args.data)
-    dataset = options.load(spec, args.split)
+    spec, options, the_run = common.data_for_run(args, args.data)
+    dataset = common.load_split(spec, options, args.split, the_run)
     for condition, model in runs:
         try:
             common.check_data_fits(model.config, dataset, training=False)

@@ -85,14 +85,19 @@ def run(args: argparse.Namespace) -> int:
         the_run = Run.resume(out, settings, data=args.data, preset=args.preset)
     else:
         the_run = Run.new(args.out, args.preset, settings, args.data, options)
-    train_set = the_run.load_split("train", options)
-    test_set = the_run.load_split("test", options)
+    train_set, validation_set, test_set = the_run.load_training_splits(options)
     context, device = distributed.setup(common.device(args.device))
     say = print if context.is_main else (lambda *a, **k: None)
     finished = False
     try:
         trainer = Trainer(
-            the_run, train_set, test_set, device=device, progress=not args.quiet, context=context
+            the_run,
+            train_set,
+            test_set,
+            device=device,
+            progress=not args.quiet,
+            context=context,
+            validation_set=validation_set,
         )
         if args.resume and the_run.has_checkpoint:
             trainer.resume()
@@ -107,14 +112,21 @@ def run(args: argparse.Namespace) -> int:
             trainer.start_new()
         procs = f", {context.world_size} processes" if context.active else ""
         size = trainer.model.num_parameters()
-        say(the_run.describe(size, len(train_set), len(test_set), device) + procs)
+        held = len(validation_set) if validation_set is not None else 0
+        say(the_run.describe(size, len(train_set), held, len(test_set), device) + procs)
         started = time.perf_counter()
         result = trainer.fit()
         minutes = (time.perf_counter() - started) / 60
         raw = result.get("bits_per_dim_raw_weights")
         averaged = f" (averaged weights; raw weights {raw:.4f})" if raw is not None else ""
+        chosen = ""
+        if "selected_step" in result:
+            chosen = (
+                f"; weights of step {result['selected_step']} (validation bits/dim "
+                f"{result['validation_bits_per_dim']:.4f})"
+            )
         say(
-            f"done: step {trainer.step}, {minutes:.1f} min; test bits/dim "
+            f"done: step {trainer.step}, {minutes:.1f} min{chosen}; test bits/dim "
             f"{result.get('bits_per_dim', float('nan')):.4f}{averaged}; samples "
             f"{result.get('samples', '-')}"
         )

@@ -72,6 +72,37 @@ class ImageDataset(Dataset):
         return f"ImageDataset({self.name!r}, {len(self)} x [{c}, {h}, {w}], {classes})"
 
 
+class DatasetView(ImageDataset):
+    """Some images of another data set, picked by index, without copying them: a
+    memory-mapped set stays on disk, and only a batch's images are ever gathered."""
+
+    def __init__(self, base: ImageDataset, indices: torch.Tensor, name: str | None = None) -> None:
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        self.labels = None if base.labels is None else base.labels[self.indices]
+        self.num_classes = base.num_classes
+        self.name = name or base.name
+        ids = getattr(base, "ids", None)
+        self.ids = None if ids is None else [ids[i] for i in self.indices.tolist()]
+
+    @property  # a plain attribute in ImageDataset; gathered on demand here
+    def images(self) -> torch.Tensor:
+        return self.base.batch(self.indices)[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.base.shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[int(self.indices[i])]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.base.batch(self.indices[torch.as_tensor(indices, dtype=torch.int64)])
+
+
 def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None) -> torch.Tensor:
     """Labels index class embeddings, so out-of-range values must fail here, not in a model."""
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point:

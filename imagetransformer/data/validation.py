@@ -1,0 +1,38 @@
+"""The validation split: a fixed, seeded part of a training split, held out to choose weights.
+
+Model selection must never look at the test split (it is only reported), so a run that keeps
+its best weights needs images of its own to judge them on. They come out of the training split
+by a seeded draw that does not depend on the run's seed, so runs that differ only in their
+seed are chosen on the same images; for a folder without train/ and test/ sub-folders that is a
+fraction of the images left after the automatic test split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dataset import DatasetView, ImageDataset
+
+VALIDATION_SEED = 2018  # fixed: the validation images do not follow the run's seed
+VALIDATION_MAX = 10_000  # enough to rank weights to ~0.01 bits/dim; ImageNet keeps the rest
+
+
+def validation_size(n: int, fraction: float) -> int:
+    """How many of `n` training images are held out: `fraction` of them (at least one, at most
+    VALIDATION_MAX), none when fraction is 0 or fewer than two images are left to train on."""
+    if fraction <= 0 or n < 3:
+        return 0
+    return min(VALIDATION_MAX, max(1, int(n * fraction)))
+
+
+def split_validation(
+    train: ImageDataset, fraction: float
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """(the images left to train on, the validation images), both in their original order."""
+    n = len(train)
+    k = validation_size(n, fraction)
+    if k == 0:
+        return train, None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held, kept = order[:k].sort().values, order[k:].sort().values
+    return DatasetView(train, kept), DatasetView(train, held, name=f"{train.name} (validation)")

@@ -1,0 +1,227 @@
+"""Model selection and augmentation: a validation split held out of train, the best weights
+kept, the overfitting warning, exact resumption, and mirrored training images."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imagetransformer import TrainConfig, UserError
+from imagetransformer.data import ImageDataset, load_dataset
+from imagetransformer.data.validation import VALIDATION_MAX, split_validation, validation_size
+from imagetransformer.run import Run, RunInfo, load_run_split
+from imagetransformer.training import Trainer, batch_indices, flip_mask, micro_batches
+
+from .helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_dataset("mnist5k", "train", image_size=8)
+
+
+def test_validation_is_a_fixed_disjoint_part_of_train(digits8):
+    train, held = split_validation(digits8, 0.1)
+    assert len(held) == 400 and len(train) == 3600
+    whole = set(range(len(digits8)))
+    assert set(held.indices.tolist()) | set(train.indices.tolist()) == whole
+    assert not set(held.indices.tolist()) & set(train.indices.tolist())
+    again = split_validation(digits8, 0.1)[1]  # seeded: the same images every time
+    assert torch.equal(held.indices, again.indices)
+    images, labels = held.batch(torch.tensor([0, 5]))
+    assert torch.equal(images, digits8.images[held.indices[[0, 5]]])
+    assert torch.equal(labels, digits8.labels[held.indices[[0, 5]]])
+    assert split_validation(digits8, 0.0) == (digits8, None)
+    assert validation_size(10**7, 0.1) == VALIDATION_MAX and validation_size(2, 0.5) == 0
+
+
+def test_a_folder_holds_out_validation_from_its_train_part(tmp_path):
+    from PIL import Image
+
+    for i in range(30):
+        Image.new("RGB", (32, 32), (i * 8, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    options = RunInfo(train=TrainConfig()).data_options()
+    test = load_run_split(options, str(tmp_path), "test", 0.1)
+    train = load_run_split(options, str(tmp_path), "train", 0.1)
+    held = load_run_split(options, str(tmp_path), "validation", 0.1)
+    ids = [set(d.ids) for d in (train, held, test)]
+    assert [len(s) for s in ids] == [25, 2, 3]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    with pytest.raises(UserError, match="holds out none"):
+        load_run_split(options, str(tmp_path), "validation", 0.0)
+
+
+def _overfitting_trainer(tmp_path, name, max_steps, digits8):
+    """16 training digits, 32 validation digits: validation bits/dim rises within 80 steps."""
+    info = RunInfo(
+        train=TrainConfig(
+            batch_size=8,
+            max_steps=max_steps,
+            learning_rate=0.5,
+            warmup_steps=10,
+            eval_every=20,
+            checkpoint_every=10,
+            sample_count=0,
+            seed=3,
+        ),
+        data="mnist5k",
+        image_size=8,
+    )
+    config = tiny_config("local_1d", image_shape=(1, 8, 8), d_model=32)
+    train = ImageDataset(digits8.images[:16], None, None, "digits16")
+    validation = ImageDataset(digits8.images[100:132], None, None, "digits32")
+    run = Run(tmp_path / name, config, info)
+    return Trainer(run, train, None, progress=False, validation_set=validation)
+
+
+def test_best_validation_weights_are_kept_the_warning_said_once_and_resume_is_exact(
+    tmp_path, digits8, capsys
+):
+    straight = _overfitting_trainer(tmp_path, "straight", 80, digits8)
+    snapshots = {}
+    validate = straight.validate
+
+    def recording_validate(*args, **kwargs):
+        snapshots[straight.step] = {k: v.clone() for k, v in straight.model.state_dict().items()}
+        return validate(*args, **kwargs)
+
+    straight.validate = recording_validate
+    straight.start_new()
+    result = straight.fit(log=False)
+    said = capsys.readouterr().out + capsys.readouterr().err
+
+    evaluations = [h for h in straight.history if h.get("split") == "validation"]
+    assert [h["step"] for h in evaluations] == [20, 40, 60, 80]
+    best = min(evaluations, key=lambda h: h["bits_per_dim"])
+    assert best["step"] < 80, "this set-up should overfit: the last weights are not the best"
+    saved = load_file(tmp_path / "straight" / "model.safetensors")
+    for key, value in snapshots[best["step"]].items():
+        assert torch.equal(saved[key], value), key
+    recorded = json.loads((tmp_path / "straight" / "run.json").read_text())["selected"]
+    assert recorded["step"] == best["step"] == result["selected_step"]
+    assert recorded["bits_per_dim"] == pytest.approx(best["bits_per_dim"])
+    checkpoint = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 80  # the latest state, for resuming
+    for key, value in snapshots[80].items():
+        assert torch.equal(checkpoint["model"][key], value), key
+
+    val = [h["bits_per_dim"] for h in evaluations]
+    train = [h["train_bits_per_dim"] for h in evaluations]
+    rose_while_falling = [
+        val[i - 2] < val[i - 1] < val[i] and train[i - 2] > train[i - 1] > train[i]
+        for i in range(2, len(val))
+    ]
+    assert said.count("overfitting") == (1 if any(rose_while_falling) else 0)
+    if any(rose_while_falling):
+        assert f"keeps step {best['step']}" in said or "keeps step" in said
+
+    broken = _overfitting_trainer(tmp_path, "broken", 50, digits8)
+    broken.start_new()
+    broken.fit(log=False)
+    resumed = _overfitting_trainer(tmp_path, "broken", 80, digits8)
+    resumed.resume()
+    assert resumed.step == 50
+    resumed.fit(log=False)
+    again = load_file(tmp_path / "broken" / "model.safetensors")
+    for key, value in saved.items():
+        assert torch.allclose(again[key], value, atol=1e-6), key
+    assert [h["step"] for h in resumed.history if h.get("split") == "validation"] == [
+        20,
+        40,
+        50,  # the end of the first part is a final evaluation of its own
+        60,
+        80,
+    ]
+    assert resumed.best["step"] == best["step"]
+
+
+def test_a_run_without_validation_keeps_its_last_weights(tmp_path, digits8):
+    info = RunInfo(
+        train=TrainConfig(max_steps=6, eval_every=3, checkpoint_every=3, sample_count=0),
+        data="mnist5k",
+        image_size=8,
+    )
+    config = tiny_config("local_1d", image_shape=(1, 8, 8))
+    trainer = Trainer(Run(tmp_path / "r", config, info), digits8, None, progress=False)
+    trainer.start_new()
+    trainer.fit(log=False)
+    saved = load_file(tmp_path / "r" / "model.safetensors")
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["selected"] is None
+
+
+def test_old_run_records_keep_training_on_the_whole_train_split():
+    assert TrainConfig.from_dict({"max_steps": 5}).validation_fraction == 0.0
+    assert TrainConfig().validation_fraction == 0.1
+    with pytest.raises(UserError, match="validation_fraction"):
+        TrainConfig(validation_fraction=1.0)
+
+
+def test_flips_are_a_function_of_seed_and_step_whatever_the_processes(digits8):
+    mask = flip_mask(7, 64, seed=1)
+    assert torch.equal(mask, flip_mask(7, 64, seed=1))
+    assert not torch.equal(mask, flip_mask(8, 64, seed=1))
+    assert 16 < int(mask.sum()) < 48  # about half
+
+    def shares(world: int) -> list:  # a global batch of 16 images either way
+        cfg = TrainConfig(batch_size=4, grad_accum=4 // world, hflip=True, seed=1)
+        return [micro_batches(7, len(digits8), cfg, rank, world) for rank in range(world)]
+
+    def by_image(parts) -> dict:
+        return {
+            int(i): bool(f)
+            for rank in parts
+            for idx, flips in rank
+            for i, f in zip(idx, flips, strict=True)
+        }
+
+    one, two = shares(1), shares(2)
+    assert by_image(one) == by_image(two)  # the same images, mirrored the same way
+    assert len(by_image(one)) == 16
+
+
+def test_mirrored_images_are_trained_on_and_resume_stays_exact(tmp_path, digits8):
+    def trainer(name: str, steps: int) -> Trainer:
+        info = RunInfo(
+            train=TrainConfig(
+                batch_size=8,
+                max_steps=steps,
+                learning_rate=0.5,
+                warmup_steps=5,
+                eval_every=0,
+                checkpoint_every=4,
+                sample_count=0,
+                validation_fraction=0.0,
+                hflip=True,
+            ),
+            data="mnist5k",
+            image_size=8,
+        )
+        config = tiny_config("local_1d", image_shape=(1, 8, 8))
+        return Trainer(Run(tmp_path / name, config, info), digits8, None, progress=False)
+
+    seen = []
+    straight = trainer("straight", 10)
+    forward = straight.forward
+    straight.forward = lambda images, labels: forward(seen.append(images.clone()) or images, labels)
+    straight.start_new()
+    straight.fit(log=False)
+    assert len(seen) == 10
+    for step in (0, 9):
+        originals = digits8.images[batch_indices(step, len(digits8), 8, seed=0)]
+        flips = flip_mask(step, 8, seed=0)
+        assert 0 < int(flips.sum()) < 8 or step == 9
+        for image, original, flip in zip(seen[step], originals, flips, strict=True):
+            assert torch.equal(image, original.flip(-1) if flip else original)
+    broken = trainer("broken", 4)
+    broken.start_new()
+    broken.fit(log=False)
+    resumed = trainer("broken", 10)
+    resumed.resume()
+    resumed.fit(log=False)
+    for (name, a), (_, b) in zip(
+        straight.model.named_parameters(), resumed.model.named_parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
