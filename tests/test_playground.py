@@ -452,6 +452,92 @@ def test_only_the_pages_own_files_are_served_and_it_binds_localhost(server) -> N
     assert connection.getresponse().status == 200
 
 
+def _request(server: ServerProcess, method: str, path: str, headers: dict, body: bytes = b""):
+    connection = http.client.HTTPConnection(*server.host_port, timeout=30)
+    connection.request(method, path, body=body or None, headers=headers)
+    response = connection.getresponse()
+    return connection, response
+
+
+def test_other_hosts_and_other_sites_start_no_generation(server) -> None:
+    """A hostile page, after DNS rebinding or from its own origin, can neither start a
+    generation (taking one of the server's slots) nor upload; the page's own requests can."""
+    host, port = server.host_port
+    before = _jobs(server)
+    upload = (
+        b"--x\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n"
+        b"Content-Type: image/png\r\n\r\n" + _png(np.zeros((8, 8), np.uint8)) + b"\r\n--x--\r\n"
+    )
+    form = {"Content-Type": "multipart/form-data; boundary=x"}
+    attempts = [
+        ({"Host": f"evil.example:{port}"}, 421, "--host evil.example"),
+        ({"Host": "evil.example"}, 421, f"http://127.0.0.1:{port}/"),
+        ({"Origin": "http://evil.example"}, 403, "another site"),
+        ({"Origin": f"http://localhost:{port + 1}"}, 403, "another site"),
+        ({"Sec-Fetch-Site": "cross-site"}, 403, f"http://{host}:{port}/"),
+    ]
+    for headers, status, needle in attempts:
+        for method, path, body, extra in [
+            ("GET", "/api/stream?page=sample&n=64", b"", {}),
+            ("POST", "/api/upload?page=complete", upload, form),
+        ]:
+            connection, response = _request(server, method, path, {**headers, **extra}, body)
+            assert response.status == status, (headers, path)
+            assert needle in json.loads(response.read())["error"]
+            connection.close()
+    assert _jobs(server) == before  # nothing ran, nothing waits
+    own = {"Origin": f"http://{host}:{port}", "Sec-Fetch-Site": "same-origin"}
+    connection, response = _request(
+        server, "POST", "/api/upload?page=complete", {**own, **form}, upload
+    )
+    assert response.status == 200 and "8x8" in json.loads(response.read())["note"]
+    connection.close()
+    connection, response = _request(server, "GET", "/api/stream?page=sample&n=1", own)
+    assert response.status == 200 and _next_event(response)[0] == "frame"
+    connection.close()
+
+
+def test_an_upload_body_that_stalls_is_refused(server) -> None:
+    import socket
+
+    host, port = server.host_port
+    with socket.create_connection((host, port), timeout=20) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            f"POST /api/upload?page=complete HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+            "--x\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408") and b"did not arrive in time" in data
+    assert time.monotonic() - started < 8.0  # the server gives up after 5 s
+
+
+def test_sigterm_cancels_the_generations_and_stops_as_ctrl_c_does(slow_run) -> None:
+    import signal
+
+    process = ServerProcess("serve", str(slow_run))
+    try:
+        connection, response = _open_stream(process, "page=sample&n=64")
+        assert _next_event(response)[0] == "frame"
+        code = process.stop(signal.SIGTERM)
+        kind, _ = _next_event(response)
+        while kind == "frame":
+            kind, _ = _next_event(response)
+        assert kind == "cancelled"  # the job stopped mid-way, and the page was told
+        connection.close()
+    finally:
+        process.kill()
+    lines = process.lines()
+    assert code == 0, lines
+    assert [line for line in lines if "stopped serving" in line] == [
+        f"stopped serving the playground of {slow_run}"
+    ]
+    assert not [line for line in lines if "Traceback" in line], lines
+
+
 # ------------------------------------------------------------------------------ in a browser
 
 

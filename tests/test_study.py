@@ -5,6 +5,7 @@ must not reveal."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import shutil
@@ -353,8 +354,6 @@ def test_twenty_concurrent_raters_lose_and_duplicate_nothing(fresh) -> None:
 
 
 def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> None:
-    import http.client
-
     manifest = Manifest.read(fresh)
     real_tokens = {p.real for p in manifest.pairs}
     with ServerProcess("study", "serve", str(fresh)) as server:
@@ -389,6 +388,195 @@ def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> No
             connection.close()
         status, refused = _call(server.url + "api/answer", "POST", {"rater": made["rater"]})
         assert status == 400 and "choice" in refused["error"]
+
+
+def _raw(server: ServerProcess, method: str, path: str, headers: dict, body: bytes = b""):
+    """(status, JSON) of one request with exactly these headers (Host included when given)."""
+    connection = http.client.HTTPConnection(*server.host_port, timeout=15)
+    connection.request(method, path, body=body or None, headers=headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, json.loads(data) if data.startswith(b"{") else data
+
+
+def _count(study: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(study / DATABASE_FILE)) as db:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_other_hosts_and_other_sites_are_refused(fresh) -> None:
+    """DNS rebinding (a hostile name resolving here) and cross-site requests create no rater,
+    store no answer and show no pair; this server's own names and page still work."""
+    with ServerProcess("study", "serve", str(fresh)) as server:
+        host, port = server.host_port
+        own = f"http://{host}:{port}"
+        _, made = _call(server.url + "api/raters", "POST")
+        rater = made["rater"]
+        _, shown = _call(server.url + f"api/next?rater={rater}")
+        answer = json.dumps({"rater": rater, "pair": shown["pair"], "choice": "left"}).encode()
+        raters = _count(fresh, "raters")
+        evil = {"Host": f"evil.example:{port}"}
+        for method, path, body in [
+            ("POST", "/api/raters", b""), ("GET", f"/api/next?rater={rater}", b""),
+            ("POST", "/api/answer", answer), ("GET", "/", b""), ("GET", "/static/study.js", b""),
+        ]:  # fmt: skip
+            status, refused = _raw(
+                server, method, path, {**evil, "Content-Type": "text/plain"}, body
+            )
+            assert status == 421, path
+            assert "evil.example" in refused["error"] and "--host evil.example" in refused["error"]
+            assert f"http://127.0.0.1:{port}/" in refused["error"]
+        cross = [
+            {"Origin": "http://evil.example"},
+            {"Origin": f"http://{host}:{port + 1}"},  # this machine, another port: another site
+            {"Origin": "null"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+        ]
+        for headers in cross:
+            for method, path, body, kind in [
+                ("POST", "/api/raters", b"", "text/plain"),
+                ("POST", "/api/answer", answer, "text/plain"),  # no preflight for text/plain
+                ("POST", "/api/answer", answer, "application/json"),
+                ("GET", f"/api/next?rater={rater}", b"", "text/plain"),
+            ]:
+                status, refused = _raw(
+                    server, method, path, {**headers, "Content-Type": kind}, body
+                )
+                assert status == 403, (headers, path)
+                assert "another site" in refused["error"] and own in refused["error"]
+        assert _count(fresh, "raters") == raters and _count(fresh, "answers") == 0
+        # Positive controls: this machine's names with any port, the page's own requests, and
+        # a link from elsewhere to the page itself.
+        for name in ("127.0.0.1", "localhost", "[::1]", "LOCALHOST"):
+            status, _ = _raw(server, "POST", "/api/raters", {"Host": f"{name}:{port}"})
+            assert status == 200, name
+        same = {"Origin": own, "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"}
+        status, _ = _raw(server, "POST", "/api/raters", same)
+        assert status == 200 and _count(fresh, "raters") == raters + 5
+        status, _ = _raw(
+            server, "POST", "/api/answer", {**same, "Content-Type": "text/plain"}, answer
+        )
+        assert status == 415 and _count(fresh, "answers") == 0  # an answer is JSON
+        status, page = _raw(server, "GET", "/", {"Sec-Fetch-Site": "cross-site"})
+        assert status == 200 and b"<main>" in page
+        status, _ = _raw(server, "POST", "/api/answer", same, answer)
+        assert status == 200 and _count(fresh, "answers") == 1
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+@pytest.mark.parametrize(
+    "bound, answered, refused",
+    [
+        ("127.0.0.1", ["127.0.0.1:80", "localhost:8000", "[::1]:8000", "LocalHost"],
+         ["evil.example", "127.0.0.2", "localhost.evil.example", "evil.example:127.0.0.1"]),
+        ("::1", ["[::1]", "[::1]:8000", "localhost:1"], ["[::2]:8000", "evil.example:8000"]),
+        ("study.lan", ["study.lan:8000", "127.0.0.1:8000"], ["evil.example", "lan:8000"]),
+        ("0.0.0.0", ["192.168.1.5:8000", "[fe80::1]:8000", "localhost"], ["evil.example"]),
+    ],
+)  # fmt: skip
+def test_the_names_a_server_answers_to(bound, answered, refused) -> None:
+    """127.0.0.1, localhost and [::1] with any port, and --host; listening on every address,
+    any IP address too (a hostile page is never served under an address)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from imagetransformer.web.server import Guard
+
+    ok = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    client = TestClient(Guard(ok, bound))
+    for host in answered:
+        assert client.get("/", headers={"Host": host}).text == "ok", host
+    for host in refused:
+        response = client.get("/", headers={"Host": host})
+        assert response.status_code == 421 and "--host" in response.json()["error"], host
+
+
+def test_answer_bodies_are_capped_and_timed_and_idle_connections_closed(fresh) -> None:
+    """A body said or shown to be over 4 KB is refused before it is read; one that stalls, and
+    connections that send nothing or trickle their headers, are closed after a few seconds; a
+    client gone mid-body leaves no traceback."""
+    import socket
+
+    within = 8.0  # seconds: the server gives up on a stalled body or connection after 5
+
+    with ServerProcess("study", "serve", str(fresh)) as server:
+        host, port = server.host_port
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection((host, port))
+            sock.settimeout(20)
+            return sock
+
+        def head(length: str, kind: str = "application/json") -> bytes:
+            return (
+                f"POST /api/answer HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {kind}\r\n"
+                f"{length}\r\n\r\n"
+            ).encode()
+
+        def reply(sock: socket.socket) -> tuple[int, bytes]:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk  # the refusals close the connection
+            return int(data.split(b" ", 2)[1]), data
+
+        declared = connect()  # 50 MB declared, 1 KB sent: refused at once, nothing more read
+        declared.sendall(head(f"Content-Length: {50 * 2**20}") + b"x" * 1024)
+        status, data = reply(declared)
+        assert status == 413 and b"4096-byte limit" in data
+        chunked = connect()  # no length given: refused as it grows past 4 KB, mid-body
+        chunked.sendall(head("Transfer-Encoding: chunked"))
+        for _ in range(8):
+            chunked.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n")
+        status, _ = reply(chunked)
+        assert status == 413
+        started = time.monotonic()
+        stalled = connect()  # 2 KB declared, 1 KB sent, then nothing
+        stalled.sendall(head("Content-Length: 2048") + b"x" * 1024)
+        idle = [connect() for _ in range(20)]  # never send a byte
+        trickle = connect()  # a header byte every half second, never the end of the headers
+        trickled_for = None
+        for byte in f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nX-Slow: {'x' * 40}".encode():
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                trickled_for = time.monotonic() - started
+                break
+            time.sleep(0.5)
+        assert trickled_for is not None and trickled_for < within
+        status, data = reply(stalled)
+        assert status == 408 and b"did not arrive in time" in data
+        assert time.monotonic() - started < within
+        assert all(sock.recv(1) == b"" for sock in idle)  # closed by the server
+        assert time.monotonic() - started < within + 2
+        gone = connect()  # a client that goes away mid-body
+        gone.sendall(head("Content-Length: 200") + b'{"rater": ')
+        time.sleep(0.3)
+        gone.close()
+        time.sleep(0.5)
+        for sock in (declared, chunked, stalled, *idle, trickle):
+            sock.close()
+        status, answered = _call(server.url + "api/raters", "POST")  # still serving
+        assert status == 200 and answered["rater"]
+    assert not [line for line in server.lines() if "Traceback" in line or "Disconnect" in line]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_sigterm_stops_the_server_as_ctrl_c_does(fresh, stop) -> None:
+    import signal
+
+    server = ServerProcess("study", "serve", str(fresh))
+    _call(server.url + "api/raters", "POST")
+    code = server.stop(getattr(signal, stop))
+    lines = server.lines()
+    assert code == 0, lines
+    assert [line for line in lines if "stopped serving" in line] == [
+        f"stopped serving the study {fresh}"
+    ]
+    assert not [line for line in lines if "Traceback" in line or "Error" in line], lines
 
 
 def test_a_busy_port_is_one_line(fresh) -> None:

@@ -41,7 +41,8 @@ class ServerProcess:
                     found.set()
             found.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         if not found.wait(timeout) or not self.url:
             self.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.output))
@@ -68,13 +69,21 @@ class ServerProcess:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Stop it with `sig` (Ctrl-C's by default); its exit code (SIGKILL after 15 s)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        return self.process.returncode
+
+    def lines(self) -> list[str]:
+        """What it has printed (stdout and stderr): all of it once it has ended."""
+        if self.process.poll() is not None:
+            self._reader.join(10)
+        return "".join(self.output).splitlines()
 
     def __enter__(self) -> ServerProcess:
         return self

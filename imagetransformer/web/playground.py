@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -36,7 +36,7 @@ from ..superres import upsample_nearest
 from . import tasks
 from .events import EventStream
 from .generation import Generation, Jobs, png_data_url
-from .server import SecurityHeaders, asset_routes, page
+from .server import SecurityHeaders, asset_routes, page, quiet_disconnect
 from .uploads import MAX_UPLOAD_BYTES, Uploads, convert, read_upload
 
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -44,7 +44,8 @@ MAX_JOBS = 4
 
 
 def _refusal(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=_NO_STORE)
+    headers = {**_NO_STORE, **({"Connection": "close"} if status in (408, 413) else {})}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _user_error(request: Request, err: Exception) -> Response:
@@ -184,7 +185,11 @@ def playground_app(run_dir: str | Path, device: torch.device) -> Starlette:
             Route("/api/jobs", jobs_status, methods=["GET"]),
         ],
         middleware=[Middleware(SecurityHeaders)],
-        exception_handlers={UserError: _user_error, HTTPException: _http_error},
+        exception_handlers={
+            UserError: _user_error,
+            HTTPException: _http_error,
+            ClientDisconnect: quiet_disconnect,
+        },
     )
     app.state.jobs = jobs  # so that stopping the server can end the generations first
     return app

@@ -3,7 +3,8 @@ time; every answer is committed to the study's SQLite file before the next pair 
 
 Routes: `/` (the page), `/static/NAME` (its script and style), `/stimulus/TOKEN` (an image of the
 manifest, by its opaque token; sent without dates or names), `/api/study`, `/api/raters` (POST: a
-new rater and their assignment), `/api/next?rater=`, `/api/answer` (POST {rater, pair, choice}).
+new rater and their assignment), `/api/next?rater=`, `/api/answer` (POST JSON {rater, pair,
+choice}, at most 4 KB).
 """
 
 from __future__ import annotations
@@ -15,20 +16,31 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..errors import UserError
 from ..study.stimuli import Manifest
 from ..study.store import AnswerStore, Refused, Shown
-from .server import SecurityHeaders, asset_routes, page
+from .server import SecurityHeaders, asset_routes, limited_body, page, quiet_disconnect
 
 _NO_STORE = {"Cache-Control": "no-store"}
 _MAX_BODY = 4096  # an answer is a few dozen bytes
+_BODY_SECONDS = 5.0  # ... and arrives with its headers
+_HOW = 'send JSON {"rater": ..., "pair": ..., "choice": "left"|"right"}'
 
 
-def _refusal(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=_NO_STORE)
+def _refusal(message: str, status: int, close: bool = False) -> JSONResponse:
+    headers = {**_NO_STORE, **({"Connection": "close"} if close else {})}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _TooLarge(UserError):
+    status = 413
+
+    def __init__(self) -> None:
+        super().__init__(f"the answer is over the {_MAX_BODY}-byte limit: {_HOW}")
 
 
 def _pair_json(shown: Shown | None, done: int, total: int) -> dict:
@@ -81,14 +93,18 @@ def study_app(study_dir: str | Path) -> Starlette:
         return JSONResponse(_pair_json(shown, done, total), headers=_NO_STORE)
 
     async def answer(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > _MAX_BODY:
-            return _refusal("request too large", 413)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return _refusal(f"the answer is {kind or 'untyped'}: {_HOW}", 415, close=True)
+        try:
+            body = await limited_body(request, _MAX_BODY, _TooLarge, _BODY_SECONDS).body()
+        except UserError as err:
+            return _refusal(str(err), getattr(err, "status", 400), close=True)
         try:
             given = json.loads(body)
             rater, pair, choice = given["rater"], given["pair"], given["choice"]
         except (ValueError, KeyError, TypeError):
-            return _refusal('send JSON {"rater": ..., "pair": ..., "choice": "left"|"right"}', 400)
+            return _refusal(_HOW, 400)
 
         def commit_then_next() -> dict:
             store.answer(rater, pair, choice)  # committed before anything is sent back
@@ -116,6 +132,7 @@ def study_app(study_dir: str | Path) -> Starlette:
             Route("/api/answer", answer, methods=["POST"]),
         ],
         middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={ClientDisconnect: quiet_disconnect},
         lifespan=lifespan,
     )
 

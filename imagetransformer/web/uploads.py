@@ -9,23 +9,23 @@ from __future__ import annotations
 import io
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.types import Message
 
 from ..config import ImageTransformerConfig
 from ..errors import UserError
 from ..images import check_channels, fit_image, open_image, upscale_input
 from ..superres import upsample_nearest
+from .server import limited_body
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # decoded RGBA that is 160 MB; larger photos are refused
 MAX_UPLOADS = 32
+UPLOAD_SECONDS = 120.0  # the whole body, at 42 KB/s or more
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 FIELD = "file"
 
@@ -107,11 +107,9 @@ class Uploads:
 
 async def read_upload(request: Request) -> bytes:
     """The bytes of the request's multipart file field, refusing a body over
-    `MAX_UPLOAD_BYTES` as soon as it says so or grows past it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-        raise TooLarge
-    capped = Request(request.scope, _capped(request.receive, MAX_UPLOAD_BYTES))
+    `MAX_UPLOAD_BYTES` as soon as it says so or grows past it, and one that stalls or takes
+    over `UPLOAD_SECONDS`."""
+    capped = limited_body(request, MAX_UPLOAD_BYTES, TooLarge, UPLOAD_SECONDS)
     how = f"send the image as the file field {FIELD!r} of a multipart form"
     try:
         async with capped.form(max_files=1, max_fields=1) as form:
@@ -121,23 +119,6 @@ async def read_upload(request: Request) -> bytes:
             return await file.read()
     except HTTPException as err:  # the form could not be parsed
         raise UserError(f"{how} ({err.detail})") from None
-
-
-def _capped(
-    receive: Callable[[], Awaitable[Message]], limit: int
-) -> Callable[[], Awaitable[Message]]:
-    """`receive` that raises TooLarge once the body it has passed on is over `limit` bytes."""
-    seen = 0
-
-    async def receive_capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise TooLarge
-        return message
-
-    return receive_capped
 
 
 __all__ = ["MAX_UPLOAD_BYTES", "FORMATS", "TooLarge", "Upload", "Uploads", "convert", "read_upload"]
