@@ -356,19 +356,24 @@ def test_twenty_concurrent_raters_lose_and_duplicate_nothing(fresh) -> None:
 def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> None:
     manifest = Manifest.read(fresh)
     real_tokens = {p.real for p in manifest.pairs}
+    real_files = _real_files(fresh)
     with ServerProcess("study", "serve", str(fresh)) as server:
         host, port = server.host_port
         assert host == "127.0.0.1"
         _, made = _call(server.url + "api/raters", "POST")
         _, shown = _call(server.url + f"api/next?rater={made['rater']}")
         assert set(shown) == {"finished", "pair", "left", "right", "done", "total"}
+        served = []
         for side in ("left", "right"):
             with urllib.request.urlopen(server.url + shown[side].lstrip("/")) as response:
                 headers = {k.lower() for k in response.headers}
                 assert response.headers["Content-Type"] == "image/png"
+                assert response.headers["Cache-Control"] == "private"
+                served.append(response.read())
             assert not headers & {"last-modified", "etag", "content-disposition"}
-        tokens = {shown[side].rsplit("/", 1)[1] for side in ("left", "right")}
-        assert len(tokens & real_tokens) == 1  # one real image, which the reply does not mark
+        assert [data in real_files for data in served].count(True) == 1  # the reply marks none
+        addresses = {shown[side].rsplit("/", 1)[1] for side in ("left", "right")}
+        assert not addresses & manifest.tokens()
         page = urllib.request.urlopen(server.url).read().decode()
         assert "sample" not in page.lower() and "stimuli" not in page
         attempts = [
@@ -378,6 +383,7 @@ def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> No
             f"/{MANIFEST_FILE}", f"/{DATABASE_FILE}", f"/stimuli/{next(iter(real_tokens))}.png",
             "/static/" + "..%5c" * 3 + "etc%5cpasswd", "/static/%252e%252e/study.json",
             "/static/playground.js",  # the other app's page
+            f"/stimulus/{next(iter(real_tokens))}",  # a file's own name is no address
         ]  # fmt: skip
         for path, status in [*((p, 404) for p in attempts), ("/static/study.js", 200)]:
             connection = http.client.HTTPConnection(host, port, timeout=10)
@@ -388,6 +394,47 @@ def test_pages_and_images_reveal_nothing_and_nothing_else_is_served(fresh) -> No
             connection.close()
         status, refused = _call(server.url + "api/answer", "POST", {"rater": made["rater"]})
         assert status == 400 and "choice" in refused["error"]
+
+
+def _real_files(study: Path) -> set[bytes]:
+    """The bytes of the study's real images (the server's addresses do not say which is)."""
+    manifest = Manifest.read(study)
+    return {Manifest.stimulus_path(study, p.real).read_bytes() for p in manifest.pairs}
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_each_rater_has_their_own_image_addresses(fresh) -> None:
+    """Every rater sees every real image once: two raters' addresses for the same file differ,
+    so holding two rater codes does not show which image of a pair is the real one."""
+    from starlette.testclient import TestClient
+
+    from imagetransformer.web.study import study_app
+
+    manifest = Manifest.read(fresh)
+    files = {Manifest.stimulus_path(fresh, t).read_bytes(): t for t in manifest.tokens()}
+    reals = {p.real for p in manifest.pairs}
+    by_file: dict[str, set[str]] = {}  # stimulus token -> the addresses it was served at
+    with TestClient(study_app(fresh)) as client:
+        for _ in range(2):
+            rater = client.post("/api/raters").json()["rater"]
+            shown = client.get(f"/api/next?rater={rater}").json()
+            assert client.get(f"/api/next?rater={rater}").json() == shown  # a reload finds it
+            while not shown["finished"]:
+                for side in ("left", "right"):
+                    response = client.get(shown[side])
+                    assert response.status_code == 200
+                    by_file.setdefault(files[response.content], set()).add(shown[side])
+                body = {"rater": rater, "pair": shown["pair"], "choice": "left"}
+                shown = client.post("/api/answer", json=body).json()
+        addresses = [a for found in by_file.values() for a in found]
+        assert len(addresses) == len(set(addresses)) == 2 * 2 * IMAGES
+        assert reals <= set(by_file)  # every real image, to both raters
+        assert all(len(by_file[t]) == 2 for t in reals)  # one address per rater
+        assert not {a.rsplit("/", 1)[1] for a in addresses} & manifest.tokens()
+        for token in list(reals)[:2]:
+            assert client.get(f"/stimulus/{token}").status_code == 404
+        wrong = addresses[0][:-1] + ("0" if addresses[0][-1] != "0" else "1")
+        assert client.get(wrong).status_code == 404
 
 
 def _raw(server: ServerProcess, method: str, path: str, headers: dict, body: bytes = b""):
@@ -633,12 +680,13 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
     """Half the pairs by click and arrow key, the server killed and started again, the page
     reloaded (the browser remembers the rater), the rest; then the report agrees with what was
     chosen, pair by pair."""
+    import urllib.parse
+
     from playwright.sync_api import expect
 
     from .browser import browser, screenshot
 
-    manifest = Manifest.read(fresh)
-    real_tokens = {p.real for p in manifest.pairs}
+    real_files = _real_files(fresh)
     picked_sample = []
 
     shown = []  # the pairs judged, in order
@@ -655,11 +703,14 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
             ).json_value()
             shown.append(pair)
             expect(page.locator("#left")).to_be_enabled()
-            left = page.get_attribute("#left-image", "src").rsplit("/", 1)[1]
-            right = page.get_attribute("#right-image", "src").rsplit("/", 1)[1]
-            assert (left in real_tokens) != (right in real_tokens)
+            real = []  # told by the image's bytes: the addresses do not say
+            for image in ("#left-image", "#right-image"):
+                address = urllib.parse.urljoin(page.url, page.get_attribute(image, "src"))
+                with urllib.request.urlopen(address, timeout=10) as response:
+                    real.append(response.read() in real_files)
+            assert real[0] != real[1]
             side = "left" if i % 3 else "right"  # a fixed rule, blind to which one is real
-            picked_sample.append((left if side == "left" else right) not in real_tokens)
+            picked_sample.append(not real[0 if side == "left" else 1])
             if i % 2:
                 page.keyboard.press("ArrowLeft" if side == "left" else "ArrowRight")
             else:

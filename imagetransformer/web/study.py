@@ -1,16 +1,21 @@
 """The study's web page: a rater reads a short instruction, then judges pairs one click at a
 time; every answer is committed to the study's SQLite file before the next pair is sent.
 
-Routes: `/` (the page), `/static/NAME` (its script and style), `/stimulus/TOKEN` (an image of the
-manifest, by its opaque token; sent without dates or names), `/api/study`, `/api/raters` (POST: a
-new rater and their assignment), `/api/next?rater=`, `/api/answer` (POST JSON {rater, pair,
-choice}, at most 4 KB).
+Routes: `/` (the page), `/static/NAME` (its script and style), `/stimulus/ADDRESS` (an image of
+a rater's pair, at an address of that rater, pair and side only; sent without dates or names),
+`/api/study`, `/api/raters` (POST: a new rater and their assignment), `/api/next?rater=`,
+`/api/answer` (POST JSON {rater, pair, choice}, at most 4 KB).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
+import secrets
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -43,17 +48,34 @@ class _TooLarge(UserError):
         super().__init__(f"the answer is over the {_MAX_BODY}-byte limit: {_HOW}")
 
 
-def _pair_json(shown: Shown | None, done: int, total: int) -> dict:
-    if shown is None:
-        return {"finished": True, "done": done, "total": total}
-    return {
-        "finished": False,
-        "pair": shown.pair.id,
-        "left": f"/stimulus/{shown.left}",
-        "right": f"/stimulus/{shown.right}",
-        "done": done,
-        "total": total,
-    }
+class Addresses:
+    """Each rater's own address for each image of each of their pairs, so that two raters'
+    addresses never tell that they were shown the same file (the real image of a source image
+    is the same file in every pair of it). An address is an HMAC of (rater, pair, side) under
+    a secret of this server process: the same while the server runs (a reloaded page finds its
+    images), new after a restart, and useless to guess. The server keeps the latest `keep`
+    addresses it gave out, each mapped to its stimulus token."""
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self.keep = keep
+        self._secret = secrets.token_bytes(32)
+        self._tokens: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def address(self, rater: str, shown: Shown, side: str) -> str:
+        token = shown.left if side == "left" else shown.right
+        message = "\0".join((rater, shown.pair.id, side)).encode()
+        address = hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
+        with self._lock:
+            self._tokens[address] = token
+            self._tokens.move_to_end(address)
+            while len(self._tokens) > self.keep:
+                self._tokens.popitem(last=False)
+        return address
+
+    def token(self, address: str) -> str | None:
+        with self._lock:
+            return self._tokens.get(address)
 
 
 def study_app(study_dir: str | Path) -> Starlette:
@@ -61,7 +83,7 @@ def study_app(study_dir: str | Path) -> Starlette:
     study_dir = Path(study_dir)
     manifest = Manifest.read(study_dir)
     store = AnswerStore(study_dir, manifest)
-    tokens = manifest.tokens()
+    addresses = Addresses()
     info = {
         "images_per_rater": len(manifest.images),
         "display_scale": manifest.display_scale,
@@ -72,9 +94,21 @@ def study_app(study_dir: str | Path) -> Starlette:
     def study(request: Request) -> Response:
         return JSONResponse(info, headers=_NO_STORE)
 
+    def pair_json(rater: str, shown: Shown | None, done: int, total: int) -> dict:
+        if shown is None:
+            return {"finished": True, "done": done, "total": total}
+        return {
+            "finished": False,
+            "pair": shown.pair.id,
+            "left": f"/stimulus/{addresses.address(rater, shown, 'left')}",
+            "right": f"/stimulus/{addresses.address(rater, shown, 'right')}",
+            "done": done,
+            "total": total,
+        }
+
     def stimulus(request: Request) -> Response:
-        token = request.path_params["token"]
-        if token not in tokens:
+        token = addresses.token(request.path_params["address"])
+        if token is None:
             return PlainTextResponse("Not Found", status_code=404)
         body = Manifest.stimulus_path(study_dir, token).read_bytes()
         return Response(body, media_type="image/png", headers={"Cache-Control": "private"})
@@ -90,7 +124,7 @@ def study_app(study_dir: str | Path) -> Starlette:
             done, total = store.progress(rater)
         except Refused as err:
             return _refusal(str(err), err.status)
-        return JSONResponse(_pair_json(shown, done, total), headers=_NO_STORE)
+        return JSONResponse(pair_json(rater, shown, done, total), headers=_NO_STORE)
 
     async def answer(request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -109,7 +143,7 @@ def study_app(study_dir: str | Path) -> Starlette:
         def commit_then_next() -> dict:
             store.answer(rater, pair, choice)  # committed before anything is sent back
             shown = store.next_pair(rater)
-            return _pair_json(shown, *store.progress(rater))
+            return pair_json(rater, shown, *store.progress(rater))
 
         try:
             return JSONResponse(await run_in_threadpool(commit_then_next), headers=_NO_STORE)
@@ -125,7 +159,7 @@ def study_app(study_dir: str | Path) -> Starlette:
         routes=[
             Route("/", page("study.html"), methods=["GET"]),
             *asset_routes("study"),
-            Route("/stimulus/{token}", stimulus, methods=["GET"]),
+            Route("/stimulus/{address}", stimulus, methods=["GET"]),
             Route("/api/study", study, methods=["GET"]),
             Route("/api/raters", new_rater, methods=["POST"]),
             Route("/api/next", next_pair, methods=["GET"]),
@@ -137,4 +171,4 @@ def study_app(study_dir: str | Path) -> Starlette:
     )
 
 
-__all__ = ["study_app"]
+__all__ = ["Addresses", "study_app"]
