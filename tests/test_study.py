@@ -674,12 +674,24 @@ def test_report_counts_and_fool_rates(fresh, tmp_path) -> None:
 
 
 # In a real browser ------------------------------------------------------------------------------
+def _new_pair(page, seen: list[str]) -> str:
+    """Wait for a pair not in `seen` to be on screen, both images loaded; its id."""
+    return page.wait_for_function(
+        """seen => {
+          const pair = document.querySelector('#task').dataset.pair;
+          return pair && !seen.includes(pair) ? pair : null;
+        }""",
+        arg=seen,
+    ).json_value()
+
+
 def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
     fresh, tmp_path
 ) -> None:
-    """Half the pairs by click and arrow key, the server killed and started again, the page
-    reloaded (the browser remembers the rater), the rest; then the report agrees with what was
-    chosen, pair by pair."""
+    """Half the pairs by click and arrow key, the server killed (a click then says it is not
+    answering) and started again (the same click goes through), the page reloaded (the browser
+    remembers the rater), the rest; then the report agrees with what was chosen, pair by pair.
+    Which image is real is told by its bytes: the addresses do not say."""
     import urllib.parse
 
     from playwright.sync_api import expect
@@ -688,36 +700,36 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
 
     real_files = _real_files(fresh)
     picked_sample = []
-
     shown = []  # the pairs judged, in order
+
+    def on_screen(page) -> bool:
+        """Wait for the next pair (a new one, both images loaded): whether the left is real."""
+        shown.append(_new_pair(page, shown))
+        expect(page.locator("#left")).to_be_enabled()
+        real = []
+        for side in ("left", "right"):
+            address = urllib.parse.urljoin(page.url, page.get_attribute(f"#{side}-image", "src"))
+            with urllib.request.urlopen(address, timeout=10) as response:
+                real.append(response.read() in real_files)
+        assert real[0] != real[1]
+        return real[0]
+
+    def pick(page, left_real: bool, by_key: bool) -> str:
+        side = "left" if len(picked_sample) % 3 else "right"  # a rule blind to which is real
+        if by_key:
+            page.keyboard.press("ArrowLeft" if side == "left" else "ArrowRight")
+        else:
+            page.click(f"#{side}")
+        return side
+
+    def judged(page, left_real: bool, side: str) -> None:
+        picked_sample.append((side == "left") != left_real)
+        expect(page.locator("#progress")).to_have_text(f"{len(picked_sample)} of {IMAGES} judged")
 
     def judge(page, count: int) -> None:
         for i in range(count):
-            # Wait for the pair itself (a new one, both images loaded), not for a button.
-            pair = page.wait_for_function(
-                """seen => {
-                  const pair = document.querySelector('#task').dataset.pair;
-                  return pair && !seen.includes(pair) ? pair : null;
-                }""",
-                arg=shown,
-            ).json_value()
-            shown.append(pair)
-            expect(page.locator("#left")).to_be_enabled()
-            real = []  # told by the image's bytes: the addresses do not say
-            for image in ("#left-image", "#right-image"):
-                address = urllib.parse.urljoin(page.url, page.get_attribute(image, "src"))
-                with urllib.request.urlopen(address, timeout=10) as response:
-                    real.append(response.read() in real_files)
-            assert real[0] != real[1]
-            side = "left" if i % 3 else "right"  # a fixed rule, blind to which one is real
-            picked_sample.append(not real[0 if side == "left" else 1])
-            if i % 2:
-                page.keyboard.press("ArrowLeft" if side == "left" else "ArrowRight")
-            else:
-                page.click(f"#{side}")
-            expect(page.locator("#progress")).to_have_text(
-                f"{len(picked_sample)} of {IMAGES} judged"
-            )
+            left_real = on_screen(page)
+            judged(page, left_real, pick(page, left_real, by_key=bool(i % 2)))
 
     with browser() as chromium:
         page = chromium.new_page(viewport={"width": 900, "height": 720})
@@ -736,18 +748,34 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
             page.click("#start")
             page.wait_for_selector("#task:not([hidden])")
             judge(page, 1)
+            expect(page.locator("#task")).to_have_attribute("data-layout", "side")
+            expect(page.locator("#left .label.side")).to_have_text("← left")
+            expect(page.locator("#right .label.side")).to_be_visible()
+            expect(page.locator("#left .label.stacked")).to_be_hidden()
             screenshot(page, "study", tmp_path)
             judge(page, IMAGES // 2 - 1)
+            left_real = on_screen(page)
         finally:
             server.kill()
         assert len(_db_answers(fresh)) == IMAGES // 2
+        side = pick(page, left_real, by_key=False)  # the server is down
+        message = page.locator("#message")
+        expect(message).to_contain_text("The server is not answering")
+        expect(message).to_contain_text("earlier answers are saved")
+        expect(message).to_contain_text("try again")
+        expect(message).not_to_contain_text("Failed to fetch")
+        expect(page.locator(f"#{side}")).to_be_enabled()  # the same pair, to try again
+        assert page.get_attribute("#task", "data-pair") == shown[-1]
         port = server.host_port[1]  # the same address: the browser's storage keeps the rater
         with ServerProcess("study", "serve", str(fresh), port=port) as server:
+            page.click(f"#{side}")  # tried again: it goes through
+            judged(page, left_real, side)
+            expect(message).to_have_text("")
             page.goto(server.url)
             page.wait_for_selector("#start:has-text('Continue')")
             expect(page.locator("#left")).to_be_disabled()  # no pair on screen yet
             page.click("#start")
-            judge(page, IMAGES - IMAGES // 2)
+            judge(page, IMAGES - IMAGES // 2 - 1)
             page.wait_for_selector("#finished:not([hidden])")
         assert not errors, errors
 
@@ -758,3 +786,64 @@ def test_a_rater_in_a_browser_stops_comes_back_after_a_restart_and_finishes(
     overall = next(r for r in summary["rows"] if r["temperature"] == "all")
     assert overall["answers"] == IMAGES and overall["fooled"] == sum(picked_sample)
     assert overall["fool_rate"] == pytest.approx(sum(picked_sample) / IMAGES)
+
+
+def test_on_a_phone_the_pair_is_top_and_bottom_and_a_stale_tab_says_so(fresh) -> None:
+    """At a phone's width the pair stacks: the labels, the buttons' names and the arrow keys
+    say top and bottom (and follow the width when it changes). A second tab that answers a pair
+    the first has answered is told so, and shows the pair that is due."""
+    from playwright.sync_api import expect
+
+    from .browser import browser
+
+    with browser() as chromium, ServerProcess("study", "serve", str(fresh)) as server:
+        phone = {"width": 390, "height": 844}
+        context = chromium.new_context(viewport=phone, is_mobile=True, has_touch=True)
+        errors = []
+        first = context.new_page()
+        first.on("pageerror", lambda err: errors.append(str(err)))
+        first.goto(server.url)
+        first.wait_for_selector("#display-note:has-text('nearest-neighbour')")
+        first.click("#start")
+        pair = _new_pair(first, [])
+        rater = first.locator("#rater-code").inner_text()
+        task = first.locator("#task")
+        expect(task).to_have_attribute("data-layout", "stacked")
+        expect(first.locator("#left .label.stacked")).to_have_text("↑ top")
+        expect(first.locator("#right .label.stacked")).to_have_text("↓ bottom")
+        for side in ("left", "right"):
+            expect(first.locator(f"#{side} .label.side")).to_be_hidden()
+        top, bottom = first.locator("#left").bounding_box(), first.locator("#right").bounding_box()
+        assert bottom["y"] >= top["y"] + top["height"]  # one above the other
+        assert first.get_attribute("#left", "aria-label") == "the top image came from a camera"
+        assert first.get_attribute("#right", "aria-label") == "the bottom image came from a camera"
+
+        second = context.new_page()  # the same browser: it remembers the rater
+        second.on("pageerror", lambda err: errors.append(str(err)))
+        second.goto(server.url)
+        second.click("#start:has-text('Continue')")
+        assert _new_pair(second, []) == pair
+
+        first.keyboard.press("ArrowDown")  # the bottom image
+        expect(first.locator("#progress")).to_have_text(f"1 of {IMAGES} judged")
+        assert _db_answers(fresh) == [(rater, pair, "right")]
+        due = _new_pair(first, [pair])
+        second.click("#left")  # a stale tab answers the pair again
+        expect(second.locator("#message")).to_contain_text(
+            "That pair was already answered in another tab"
+        )
+        assert _new_pair(second, [pair]) == due
+        expect(second.locator("#progress")).to_have_text(f"1 of {IMAGES} judged")
+        assert _db_answers(fresh) == [(rater, pair, "right")]  # the stale answer not counted
+        second.keyboard.press("ArrowUp")  # the top image, from the tab that was stale
+        expect(second.locator("#progress")).to_have_text(f"2 of {IMAGES} judged")
+        expect(second.locator("#message")).to_have_text("")
+        assert sorted(_db_answers(fresh)) == sorted([(rater, pair, "right"), (rater, due, "left")])
+
+        first.set_viewport_size({"width": 900, "height": 720})  # turned, or a wider window
+        expect(task).to_have_attribute("data-layout", "side")
+        expect(first.locator("#left .label.side")).to_be_visible()
+        expect(first.locator("#left .label.stacked")).to_be_hidden()
+        assert first.get_attribute("#left", "aria-label") == "the left image came from a camera"
+        context.close()
+        assert not errors, errors

@@ -24,12 +24,20 @@ function remember(token) {
   $("resume-link").textContent = url.href;
 }
 
+const NOT_ANSWERING =
+  "The server is not answering. Your earlier answers are saved: wait a moment and try again.";
+
 async function call(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    headers: body ? { "Content-Type": "application/json" } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: body ? { "Content-Type": "application/json" } : {},
+      body: body ? JSON.stringify(body) : undefined,
+    });
+  } catch (err) {   // no answer at all: the server is down or the network is gone
+    throw new Error(NOT_ANSWERING);
+  }
   const data = await response.json().catch(() => ({ error: `server answered ${response.status}` }));
   if (!response.ok) throw Object.assign(new Error(data.error || response.statusText), { status: response.status });
   return data;
@@ -47,6 +55,8 @@ async function render(next) {
   $("progress").textContent = `${next.done} of ${next.total} judged`;
   if (next.finished) { current = null; show("finished"); return; }
   show("task");
+  layout();
+  current = null;   // until both images are loaded
   setBusy(true);
   await Promise.all([loadImage($("left-image"), next.left), loadImage($("right-image"), next.right)]);
   current = next;
@@ -58,8 +68,8 @@ async function render(next) {
 // both images loaded; #task's data-pair names that pair then, and is absent otherwise.
 function setBusy(value) {
   busy = value;
-  $("left").disabled = value;
-  $("right").disabled = value;
+  $("left").disabled = value || !current;
+  $("right").disabled = value || !current;
   if (value || !current) delete $("task").dataset.pair;
   else $("task").dataset.pair = current.pair;
 }
@@ -71,13 +81,32 @@ async function choose(side) {
   try {
     await render(await call("POST", "/api/answer", { rater, pair: current.pair, choice: side }));
   } catch (err) {
-    if (err.status === 409) {   // answered already (another tab): fetch what is due now
-      await render(await call("GET", `/api/next?rater=${encodeURIComponent(rater)}`));
+    if (err.status === 409) {   // answered already (another tab): show what is due now
+      try {
+        await render(await call("GET", `/api/next?rater=${encodeURIComponent(rater)}`));
+        say(/answered already/.test(err.message)
+          ? "That pair was already answered in another tab or window, so this answer was not " +
+            "counted. Here is the pair that is due now."
+          : `${err.message}. Here is the pair that is due now.`);
+      } catch (again) {
+        say(again.message);
+        setBusy(false);
+      }
     } else {
       say(err.message);
       setBusy(false);
     }
   }
+}
+
+// On a narrow screen the pair wraps, one image above the other: the labels, the buttons'
+// names and the arrow keys then say top and bottom (the answer sent is still "left" for the
+// first image and "right" for the second).
+function layout() {
+  const stacked = $("right").offsetTop >= $("left").offsetTop + $("left").offsetHeight;
+  $("task").dataset.layout = stacked ? "stacked" : "side";
+  $("left").setAttribute("aria-label", `the ${stacked ? "top" : "left"} image came from a camera`);
+  $("right").setAttribute("aria-label", `the ${stacked ? "bottom" : "right"} image came from a camera`);
 }
 
 async function start() {
@@ -118,10 +147,14 @@ async function init() {
   $("start").addEventListener("click", start);
   $("left").addEventListener("click", () => choose("left"));
   $("right").addEventListener("click", () => choose("right"));
+  new ResizeObserver(() => { if (!$("task").hidden) layout(); }).observe($("task"));
   document.addEventListener("keydown", (event) => {
     if ($("task").hidden) return;
-    if (event.key === "ArrowLeft") { event.preventDefault(); choose("left"); }
-    if (event.key === "ArrowRight") { event.preventDefault(); choose("right"); }
+    const stacked = $("task").dataset.layout === "stacked";
+    const first = event.key === "ArrowLeft" || (stacked && event.key === "ArrowUp");
+    const second = event.key === "ArrowRight" || (stacked && event.key === "ArrowDown");
+    if (first) { event.preventDefault(); choose("left"); }
+    if (second) { event.preventDefault(); choose("right"); }
   });
 }
 
