@@ -59,6 +59,9 @@ class ImageTransformerConfig:
     task: str = "generate"  # generate: p(x) or p(x | y); superres: p(x | area-downsampled x)
     scale: int = 4  # superres: the low-resolution input is the image shrunk by this factor
     encoder_layers: int = 4  # superres: unmasked self-attention blocks over the input
+    # superres: add an embedding of the low-resolution pixel that covers each output position
+    # to the decoder's input at that position (docs/model.md, Departures)
+    low_res_signal: bool = False
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]
@@ -105,6 +108,8 @@ class ImageTransformerConfig:
             raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
         if self.task == "superres":
             self._validate_superres()
+        elif self.low_res_signal:
+            raise UserError("low_res_signal needs a super-resolution model (--task superres)")
         for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

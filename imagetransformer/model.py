@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .attention import Attention, KVCache
@@ -132,6 +133,17 @@ def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.T
     return rows, per_pixel * centre_x + channel % per_pixel
 
 
+def covering_pixel(config: ImageTransformerConfig) -> torch.Tensor:
+    """[N] for every raster position of the output: the index (in raster order) of the
+    low-resolution pixel whose s x s block holds it."""
+    c, h, w = config.image_shape
+    s = config.scale
+    per_pixel = OUTPUT_TYPES[config.output].positions_per_pixel(c)
+    pixel = torch.arange(h * w * per_pixel) // per_pixel
+    y, x = pixel // w, pixel % w
+    return (y // s) * (w // s) + x // s
+
+
 class Encoder(nn.Module):
     """The super-resolution encoder: the low-resolution image embedded with its own table (one
     position per channel intensity), timing signals placed on the output grid (see
@@ -190,6 +202,10 @@ class ImageTransformer(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
         superres = config.task == "superres"
         self.encoder = Encoder(config) if superres else None
+        self.low_res_embed = None
+        if superres and config.low_res_signal:
+            self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
+            self.register_buffer("_covering", covering_pixel(config)[order], persistent=False)
         self.blocks = nn.ModuleList(
             Block(config, cross_attention=superres) for _ in range(config.num_layers)
         )
@@ -219,6 +235,8 @@ class ImageTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.class_embed is not None:
             nn.init.zeros_(self.class_embed.weight)
+        if self.low_res_embed is not None:  # starts as the paper's model, as the class signal
+            nn.init.zeros_(self.low_res_embed.weight)
 
     # Inputs ------------------------------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -295,6 +313,24 @@ class ImageTransformer(nn.Module):
             return 0.0
         return (self.class_embed(labels) * math.sqrt(self.config.d_model))[:, None, :]
 
+    def low_res_signal(self, low_res: torch.Tensor | None) -> torch.Tensor | float:
+        """[B, N, d]: at each generation step, the embedding of the low-resolution pixel that
+        covers the position it predicts (the sum over its channels); 0 without one."""
+        if self.low_res_embed is None or low_res is None:
+            return 0.0
+        c = low_res.shape[1]
+        pixels = rearrange(low_res.long(), "b c h w -> b (h w) c")
+        tokens = pixels + 256 * torch.arange(c, device=low_res.device)
+        per_pixel = self.low_res_embed(tokens).sum(2) * math.sqrt(self.config.d_model)
+        return per_pixel[:, self._covering]
+
+    def conditioning(
+        self, labels: torch.Tensor | None, low_res: torch.Tensor | None
+    ) -> torch.Tensor | float:
+        """What the decoder's input gets besides the previous value and the position: the class
+        signal [B, 1, d] and the low-resolution signal [B, N, d] (0 when neither applies)."""
+        return self.class_signal(labels) + self.low_res_signal(low_res)
+
     def to_steps(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] -> their values in generation order [B, N, *value_shape]."""
         values = self.check_images(images)
@@ -320,7 +356,7 @@ class ImageTransformer(nn.Module):
         steps = torch.arange(seq.shape[1], device=seq.device)
         emb = self.embed(seq, steps)
         x = F.pad(emb[:, :-1], (0, 0, 1, 0))  # shift: step i sees the element of step i-1
-        x = x + self.position_signal() + self.class_signal(labels)
+        x = x + self.position_signal() + self.conditioning(labels, low_res)
         x = self.input_dropout(x)
         for block in self.blocks:
             x = block(x, self.pattern, memory)
@@ -498,7 +534,7 @@ class ImageTransformer(nn.Module):
         else:
             memory_kvs = [None] * len(self.blocks)
         return DecodingState(
-            n, caches, memory_kvs, self.position_signal(), self.class_signal(labels)
+            n, caches, memory_kvs, self.position_signal(), self.conditioning(labels, low_res)
         )
 
     def decode_step(
@@ -520,7 +556,10 @@ class ImageTransformer(nn.Module):
                 raise ValueError(f"decode_step {step} needs the values of step {step - 1}")
             prev = torch.full((state.batch, 1), step - 1, device=previous.device)
             x = self.embed(previous[:, None].long(), prev)
-        h = x + state.position[step] + state.conditioning
+        conditioning = state.conditioning
+        if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
+            conditioning = conditioning[:, step : step + 1]  # it differs from step to step
+        h = x + state.position[step] + conditioning
         for block, cache, memory_kv in zip(
             self.blocks, state.caches, state.memory_kvs, strict=True
         ):
@@ -651,5 +690,5 @@ class DecodingState:
     caches: list[KVCache]
     memory_kvs: list[tuple[torch.Tensor, torch.Tensor] | None]
     position: torch.Tensor  # [N, d]
-    conditioning: torch.Tensor | float  # [n, 1, d] class signal, or 0
+    conditioning: torch.Tensor | float  # [n, 1, d] class or [n, N, d] low-res signal, or 0
     next_step: int = 0

@@ -57,24 +57,34 @@ def test_the_low_resolution_input_changes_every_prediction():
     assert torch.equal(model.logits_in_generation_order(images), base)
 
 
-@pytest.mark.parametrize(
-    "kind,output", [("local_1d", "cat"), ("local_2d", "cat"), ("global", "dmol")]
-)
-def test_cached_sampler_matches_reference_given_the_low_resolution_image(kind, output):
+def _output_settings(kind: str, output: str) -> dict:
     extra = dict(output="dmol", num_mixtures=2) if output == "dmol" else {}
     if output == "dmol" and kind == "local_2d":
         extra.update(query_shape=(2, 2), memory_flange=(1, 1))
-    model = ImageTransformer(sr_config(kind, **extra))
-    _, low_res = images_and_low_res(model.config)
+    return extra
+
+
+def _samplers_agree(model: ImageTransformer, low_res: torch.Tensor) -> torch.Tensor:
+    """The cached sampler's images equal the reference sampler's (same seed); returns them."""
     cached, logits = sample(
         model, 2, low_res=low_res, generator=torch.Generator().manual_seed(2), return_logits=True
     )
     ref, ref_logits = sample_reference(
         model, 2, low_res=low_res, generator=torch.Generator().manual_seed(2), return_logits=True
     )
-    assert cached.shape == (2, 3, 4, 8)
     assert torch.equal(cached, ref)
     assert torch.allclose(logits, ref_logits, atol=1e-5)
+    return cached
+
+
+@pytest.mark.parametrize(
+    "kind,output", [("local_1d", "cat"), ("local_2d", "cat"), ("global", "dmol")]
+)
+def test_cached_sampler_matches_reference_given_the_low_resolution_image(kind, output):
+    model = ImageTransformer(sr_config(kind, **_output_settings(kind, output)))
+    _, low_res = images_and_low_res(model.config)
+    cached = _samplers_agree(model, low_res)
+    assert cached.shape == (2, 3, 4, 8)
     assert torch.equal(model.upscale(low_res, generator=torch.Generator().manual_seed(2)), cached)
 
 
@@ -156,3 +166,59 @@ def test_completion_of_a_superres_model_uses_the_images_own_input():
     )
     assert torch.equal(out, same)
     assert torch.equal(out[:, :, :2], images[:, :, :2])
+
+
+def _with_low_res_signal(kind="local_1d", **extra) -> ImageTransformer:
+    """A model with the low-resolution signal, its embedding made non-zero (it starts at 0)."""
+    model = ImageTransformer(sr_config(kind, low_res_signal=True, **extra))
+    torch.nn.init.normal_(
+        model.low_res_embed.weight, std=0.5, generator=torch.Generator().manual_seed(4)
+    )
+    return model
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+def test_the_low_resolution_signal_is_the_pixel_covering_each_position(output):
+    extra = dict(output="dmol", num_mixtures=2) if output == "dmol" else {}
+    model = _with_low_res_signal(**extra).eval()
+    _, low_res = images_and_low_res(model.config)
+    c, h, w = model.config.image_shape
+    per_pixel = 1 if output == "dmol" else c
+    signal = model.low_res_signal(low_res)
+    other = low_res.clone()
+    other[:, :, 1, 2] ^= 0x40  # the pixel covering output rows 2-3, columns 4-5 (scale 2)
+    changed = (model.low_res_signal(other) - signal).abs().amax(dim=(0, 2)) > 0  # [N]
+    raster = model.generation_order  # the raster position predicted at each step
+    pixel = raster // per_pixel
+    covered = ((pixel // w) // 2 == 1) & ((pixel % w) // 2 == 2)
+    assert torch.equal(changed, covered) and int(covered.sum()) == 4 * per_pixel
+    # the paper's model is where it starts: a zero embedding adds nothing
+    plain = ImageTransformer(sr_config(low_res_signal=True, **extra))
+    assert plain.low_res_signal(low_res).abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "kind,output", [("local_1d", "cat"), ("local_2d", "cat"), ("global", "dmol")]
+)
+def test_with_the_low_resolution_signal_decoding_stays_causal_and_exact(kind, output):
+    model = _with_low_res_signal(kind, **_output_settings(kind, output)).eval()
+    images, low_res = images_and_low_res(model.config)
+    base = model.logits_in_generation_order(images, low_res=low_res)
+    changed = images.clone()
+    changed[:, :, -1, -1] ^= 0x33  # the last pixel: nothing generated before it may change
+    last = model.generation_order.tolist().index(model.config.num_positions - 1)
+    out = model.logits_in_generation_order(changed, low_res=low_res)
+    first = min(
+        last,
+        *[
+            model.generation_order.tolist().index(model.config.num_positions - 1 - k)
+            for k in range(model.distribution.positions_per_pixel(3))
+        ],
+    )
+    assert torch.allclose(out[:, : first + 1], base[:, : first + 1], atol=1e-6, rtol=0)
+    _samplers_agree(model, low_res)
+
+
+def test_the_low_resolution_signal_needs_a_superres_model():
+    with pytest.raises(UserError, match="low_res_signal needs a super-resolution model"):
+        tiny_config(low_res_signal=True)
