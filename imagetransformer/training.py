@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ from .precision import autocast, grad_scaler
 from .run import Run
 
 CHECKPOINT_FORMAT = 1
+# A training loss this far above a uniform guess's 8 bits/dim means the run has diverged, even
+# while it is still finite (a learning rate far too high drives it to thousands).
+DIVERGED_BITS_PER_DIM = 64.0
 
 
 def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
@@ -67,6 +72,72 @@ def ema_update(decay: float):
         torch._foreach_lerp_(averaged, current, 1.0 - d)
 
     return update
+
+
+class Stopped(Exception):
+    """Training stopped on a signal (SIGTERM, Ctrl-C) after finishing a step and writing its
+    checkpoint; `--resume` continues from `step` as if nothing had happened."""
+
+    def __init__(self, step: int, signal_name: str, signal_number: int) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step}")
+        self.step, self.signal_name, self.signal_number = step, signal_name, signal_number
+
+
+class StopRequests:
+    """SIGTERM and SIGINT (Ctrl-C) ask the loop to stop after the step in progress, instead of
+    killing it: SIGTERM is what Slurm, Kubernetes and `timeout` send before they kill, and
+    torchrun forwards it to every process. A second Ctrl-C interrupts at once. Handlers can
+    only be installed from the main thread; elsewhere the process's own handling stays."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.received = number
+        tqdm.write(
+            f"{signal.Signals(number).name}: stopping after this step to write a checkpoint"
+            + (" (Ctrl-C again to quit at once)" if number == signal.SIGINT else "")
+        )
+
+    def agreed(self, context: distributed.Context, device: torch.device) -> int | None:
+        """The signal any process received (every process gets the same answer, so all stop
+        at the same step), or None."""
+        number = self.received or 0
+        if context.active:
+            flag = torch.tensor([1.0 if number else 0.0], device=device)
+            if distributed.all_reduce_sum(flag, context).item() > 0 and not number:
+                number = int(signal.SIGTERM)  # another process was told to stop
+        return number or None
+
+
+def diverged_message(step: int, what: str, lr: float, saved_step: int | None) -> str:
+    kept = (
+        f"the checkpoint of step {saved_step} is kept"
+        if saved_step is not None
+        else "no checkpoint was written"
+    )
+    return (
+        f"training diverged at step {step} (learning rate {lr:.3g}): the {what}; "
+        f"stopped, {kept}. Lower learning_rate (--set learning_rate=...), keep gradient "
+        "clipping on (--set grad_clip=1.0) or lengthen warmup_steps, and start a new run "
+        "(or --resume from the kept checkpoint)"
+    )
 
 
 def perturb(images: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -114,8 +185,12 @@ class _Logger:
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        values = {  # strict JSON: a non-finite figure is written as null, never as NaN
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()
+        }
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            f.write(json.dumps({"step": step, "kind": kind, **values}, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -286,7 +361,15 @@ class Trainer:
                 torch.cuda.set_rng_state(cuda[rank % len(cuda)], self.device)
 
     def save(self) -> None:
-        """Write checkpoint and weights from rank 0; every rank must call it (RNG gather)."""
+        """Write checkpoint and weights from rank 0; every rank must call it (RNG gather).
+        Weights that are not finite are never written: the last good checkpoint stays."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(
+                    diverged_message(
+                        self.step, f"weight {name} is not finite", self._lr(), self.saved_step
+                    )
+                )
         rng: dict[str, torch.Tensor] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -337,6 +420,9 @@ class Trainer:
         ctx = self.context
         return micro_batches(self.step, len(self.train_set), self.cfg, ctx.rank, ctx.world_size)
 
+    def _lr(self) -> float:
+        return learning_rate(max(self.step - 1, 0), self.cfg, self.config.d_model)
+
     def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
         lr = learning_rate(self.step, cfg, self.config.d_model)
@@ -368,6 +454,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
+        # fp16's scaler skips steps whose gradients overflowed, as it is meant to; otherwise a
+        # non-finite loss or gradient would write NaN into the weights: stop before it does
+        for what, value in (("loss", total_loss), ("gradient norm", float(grad_norm))):
+            if not math.isfinite(value) and (what == "loss" or not self.scaler.is_enabled()):
+                raise UserError(
+                    diverged_message(self.step, f"{what} is not finite", lr, self.saved_step)
+                )
+        if total_loss / math.log(2) > DIVERGED_BITS_PER_DIM:
+            what = f"loss is {total_loss / math.log(2):.0f} bits/dim (a uniform guess costs 8)"
+            raise UserError(diverged_message(self.step, what, lr, self.saved_step))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
@@ -500,31 +596,51 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        images_seen, window_start = 0, time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                metrics = self._train_step()
-                # global: every process's micro-batches
-                images_seen += cfg.batch_size * cfg.grad_accum * self.context.world_size
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
-                    images_seen, window_start = 0, time.perf_counter()
-                    postfix = {"loss": f"{metrics['loss']:.3f}"}  # a dict keeps this order
-                    if "bits_per_dim" in metrics:
-                        postfix["bpd"] = f"{metrics['bits_per_dim']:.3f}"
-                    postfix["img/s"] = f"{metrics['images_per_s']:.1f}"
-                    bar.set_postfix(postfix)
-                    logger.log(self.step, "train", metrics)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    self._periodic_evaluation(logger)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.context.is_main:
-                    self.sample_grid()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                    self.save()
+            with StopRequests() as stop:
+                self._loop(stop, logger, bar)
         finally:
             bar.close()
+        return self._finish(logger)
+
+    def _loop(self, stop: StopRequests, logger: _Logger, bar) -> None:
+        """Steps to max_steps, with evaluations, samples and checkpoints; a stop request ends it
+        after the step in progress, with a checkpoint of that step."""
+        cfg = self.cfg
+        images_seen, window_start = 0, time.perf_counter()
+        while self.step < cfg.max_steps:
+            metrics = self._train_step()
+            # global: every process's micro-batches
+            images_seen += cfg.batch_size * cfg.grad_accum * self.context.world_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
+                images_seen, window_start = 0, time.perf_counter()
+                postfix = {"loss": f"{metrics['loss']:.3f}"}  # a dict keeps this order
+                if "bits_per_dim" in metrics:
+                    postfix["bpd"] = f"{metrics['bits_per_dim']:.3f}"
+                postfix["img/s"] = f"{metrics['images_per_s']:.1f}"
+                bar.set_postfix(postfix)
+                logger.log(self.step, "train", metrics)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self._periodic_evaluation(logger)
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.context.is_main:
+                self.sample_grid()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            received = stop.agreed(self.context, self.device)
+            if received is not None:
+                if self.saved_step != self.step:
+                    self.save()
+                logger.close()
+                name = signal.Signals(received).name
+                raise Stopped(self.step, name, received)
+
+    def _finish(self, logger: _Logger) -> dict[str, Any]:
+        """The end of a run: the last validation, the checkpoint, the test figure of the
+        selected weights and their sample grid."""
+        cfg = self.cfg
         if self.validation_set is not None and not self._validated_at(self.step):
             self.validate(logger)
         self.save()

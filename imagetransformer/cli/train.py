@@ -9,7 +9,7 @@ from .. import distributed
 from ..config import BACKEND_CHOICES, TASKS
 from ..presets import DEFAULT_PRESET
 from ..run import Run, default_run_dir
-from ..training import Trainer
+from ..training import Stopped, Trainer
 from . import common
 
 
@@ -115,7 +115,15 @@ def run(args: argparse.Namespace) -> int:
         held = len(validation_set) if validation_set is not None else 0
         say(the_run.describe(size, len(train_set), held, len(test_set), device) + procs)
         started = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Stopped as stop:
+            finished = True  # every process stopped after the same step
+            say(
+                f"stopped by {stop.signal_name} at step {stop.step}: its checkpoint is written; "
+                f"continue with: imagetransformer train --out {the_run.path} --resume"
+            )
+            return 128 + stop.signal_number
         minutes = (time.perf_counter() - started) / 60
         raw = result.get("bits_per_dim_raw_weights")
         averaged = f" (averaged weights; raw weights {raw:.4f})" if raw is not None else ""
