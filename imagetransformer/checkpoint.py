@@ -1,10 +1,10 @@
 """Atomic saving and checked loading of weights, configs and training state.
 
-Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed
-over the target, so a crash leaves either the old file or the new one, never half of one. New
-files get the permissions a plain `open()` would give them (0o666 minus the umask), so a shared
-run folder stays readable by colleagues. A failed write (full disk, read-only folder) raises a
-`UserError` that says the previous version of the file is intact, and leaves no temporary file.
+Every write goes through `files.py` (re-exported here: `atomic_write_bytes`,
+`atomic_write_text`): a fsynced temporary file renamed over the target, then a fsynced folder,
+with the permissions a plain `open()` gives. A failed write raises a `files.WriteError` that
+names the file and says what is intact; a training checkpoint's adds that `--resume` continues
+from the intact one.
 
 Training checkpoints keep one older copy, `checkpoint.prev.pt`, beside `checkpoint.pt`:
 `load_checkpoint` falls back to it when `checkpoint.pt` is missing or corrupt.
@@ -12,16 +12,14 @@ Training checkpoints keep one older copy, `checkpoint.prev.pt`, beside `checkpoi
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,93 +28,24 @@ from safetensors.torch import save as safetensors_save
 
 from .config import ImageTransformerConfig
 from .errors import UserError
-from .files import current_umask, temp_file_beside  # noqa: F401 (current_umask: API)
+from .files import (  # noqa: F401 (atomic writes and current_umask: re-exported API)
+    WriteError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    current_umask,
+    fsync_dir,
+)
+from .files import replace as _replace
+from .files import write_temp as _write_temp
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-# Atomic writes ---------------------------------------------------------------------------------
-def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Create a temporary file beside `path`, fill it with `write`, fsync it, return its path.
-
-    The file gets mode 0o666 & ~umask, as `open()` would give it (mkstemp makes it 0o600). On any
-    error the temporary file is removed before the error propagates.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path`; remove `tmp` if that fails."""
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames in `directory` durable (best effort: not every OS or filesystem can)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _write_error(path: Path, err: OSError, intact: str) -> UserError:
-    """One line: what failed and why, what is still safe on disk, and what to do."""
-    reason = err.strerror or str(err)
-    if err.errno in _NO_SPACE:
-        fix = f"free space on the disk of {path.parent}"
-    elif err.errno in _NOT_WRITABLE:
-        fix = f"make {path.parent} writable"
-    else:
-        fix = "fix that"
-    return UserError(
-        f"could not write {path} ({reason}); {intact}; {fix}, then run the command again "
-        "(`imagetransformer train --resume` continues a training run)"
-    )
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file and an atomic rename.
-
-    Raises `UserError` (naming the path and the reason) when the write or the rename fails, e.g.
-    on a full disk; the previous version of the file, if any, is then untouched.
-    """
-    path = Path(path)
-    try:
-        _replace(_write_temp(path, lambda f: f.write(data)), path)
-    except OSError as err:
-        raise _write_error(
-            path, err, "the previous version of that file, if any, is intact"
-        ) from err
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+# What a failed write of a training checkpoint adds: the intact one is there to be resumed.
+RESUME_ADVICE = "`imagetransformer train --resume` continues from it"
 
 
 # Pretrained weights ----------------------------------------------------------------------------
@@ -275,21 +204,21 @@ def save_checkpoint(
     try:
         tmp = _write_temp(path, lambda f: f.write(data))
     except OSError as err:
-        raise _write_error(path, err, intact) from err
+        raise WriteError.of(path, err, intact).advise(RESUME_ADVICE) from err
     try:
         if _is_sound(path):
             _keep_as_previous(path, previous)
-            _fsync_dir(path.parent)  # the older copy is durable before the current one changes
+            fsync_dir(path.parent)  # the older copy is durable before the current one changes
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _write_error(previous, err, intact) from err
+            raise WriteError.of(previous, err, intact).advise(RESUME_ADVICE) from err
         raise
     try:
         _replace(tmp, path)
     except OSError as err:
-        raise _write_error(path, err, intact) from err
-    _fsync_dir(path.parent)
+        raise WriteError.of(path, err, intact).advise(RESUME_ADVICE) from err
+    fsync_dir(path.parent)
 
 
 def _read_checkpoint(path: Path) -> Any:

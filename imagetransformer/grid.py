@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def make_grid(

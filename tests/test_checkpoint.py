@@ -72,20 +72,6 @@ def test_umask_is_read_without_proc(tmp_path, umask, monkeypatch) -> None:
         assert _mode(tmp_path / "file.bin") == 0o666 & ~mask
 
 
-def test_full_disk_in_atomic_write_is_a_user_error(tmp_path, monkeypatch) -> None:
-    path = tmp_path / "config.json"
-    atomic_write_bytes(path, b"old")
-    monkeypatch.setattr(os, "fsync", _no_space)
-    with pytest.raises(UserError) as info:
-        atomic_write_bytes(path, b"new")
-    message = str(info.value)
-    assert "\n" not in message
-    assert str(path) in message and "No space left" in message and "intact" in message
-    assert "free space" in message
-    assert path.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
-
-
 def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
     path = tmp_path / "file.bin"
     atomic_write_bytes(path, b"old")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..files import temp_file_beside
+from ..files import atomic_write, fsync_dir, temp_file_beside
 from .dataset import ImageDataset, _check_labels
 
 CACHE_VERSION = 1
@@ -233,21 +233,12 @@ def _install(
     try:
         sidecar_path(path).unlink(missing_ok=True)
         if labels is not None:
-            _atomic_write(labels_path(path), lambda f: np.save(f, labels, allow_pickle=False))
+            atomic_write(labels_path(path), lambda f: np.save(f, labels, allow_pickle=False))
         os.replace(tmp, path)
-        _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta).encode()))
+        fsync_dir(path.parent)  # the images are in place before the sidecar vouches for them
+        atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
         raise _write_error(path, math.prod(shape), e) from None
-
-
-def _atomic_write(dest: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp = temp_file_beside(dest, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, size: int, e: OSError) -> UserError:

@@ -25,10 +25,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_text
 from ..data.dataset import ImageDataset
 from ..errors import UserError
-from ..files import current_umask
+from ..files import atomic_write_text, current_umask
 from ..layout import area_downsample
 
 MANIFEST_FILE = "study.json"

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_bytes
 from ..data import ImageDataset
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from ..model import ImageTransformer
 from ..plotting import pyplot
 
