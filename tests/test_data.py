@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from imagetransformer.data import DATASET_NAMES, ImageDataset, cifar10, load_dataset, mnist5k
+from imagetransformer.data import (
+    DATASET_NAMES,
+    ImageDataset,
+    cifar10,
+    is_image_folder,
+    load_dataset,
+    mnist5k,
+)
 from imagetransformer.errors import UserError
 
 
@@ -270,6 +277,65 @@ def test_folder_train_test_subfolders(tmp_path: Path) -> None:
     assert train.shape == test.shape == (3, 6, 6)  # upscaled
     assert train.num_classes == test.num_classes == 2
     assert test.labels.tolist() == [1]
+
+
+def test_split_all_is_every_image_of_a_folder_in_either_layout(tmp_path: Path) -> None:
+    """`all` reads the whole folder: with nothing held out, or train/ and test/ together (their
+    classes labelled alike); train and test are as before."""
+    for i in range(20):
+        _save(tmp_path / "flat" / f"{i:02d}.png", (4, 4), (i * 10, 0, 0))
+    flat = load_dataset(str(tmp_path / "flat"), "all", image_size=4)
+    assert len(flat) == 20 and flat.ids == [f"{i:02d}.png" for i in range(20)]
+    assert [int(x[0, 0, 0]) for x in flat.images] == [i * 10 for i in range(20)]
+    for i in range(3):
+        _save(tmp_path / "split" / "train" / "a" / f"{i}.png", (4, 4), (255, 0, 0))
+        _save(tmp_path / "split" / "train" / "b" / f"{i}.png", (4, 4), (0, 0, 255))
+    _save(tmp_path / "split" / "test" / "b" / "0.png", (4, 4), (0, 0, 255))
+    every = load_dataset(str(tmp_path / "split"), "all", image_size=4)
+    assert len(every) == 7 and every.num_classes == 2
+    assert every.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert every.ids[-1] == "test/b/0.png"
+    one = tmp_path / "one"
+    _save(one / "x.png", (4, 4), 0)  # one image: nothing to hold out, but all of it is there
+    assert len(load_dataset(str(one), "all")) == 1
+
+
+def test_split_all_of_a_built_in_set_is_refused_in_one_line(cifar) -> None:
+    archive, _ = cifar
+    for spec in ("mnist5k", str(archive)):
+        with pytest.raises(UserError) as info:
+            load_dataset(spec, "all")
+        message = str(info.value)
+        assert "\n" not in message and "comes in train and test splits" in message
+
+
+def test_what_is_an_image_folder(cifar, tmp_path: Path) -> None:
+    """A folder of images is one; a built-in name, the files of a built-in set, a missing path
+    and a file are not (the verbs read every image of the first kind by default)."""
+    archive, _ = cifar
+    _save(tmp_path / "imgs" / "a.png", (4, 4), 0)
+    assert is_image_folder(tmp_path / "imgs")
+    _save(tmp_path / "here" / "cifar10" / "a.png", (4, 4), 0)
+    assert is_image_folder(tmp_path / "here" / "cifar10")
+    assert not is_image_folder("cifar10")  # the name wins over a same-named folder
+    assert not is_image_folder(archive.parent)  # holds the CIFAR-10 archive
+    assert not is_image_folder(archive) and not is_image_folder(tmp_path / "missing")
+
+
+def test_the_registry_is_the_one_list_of_sets() -> None:
+    """Names, native shapes and path kinds all come from the records."""
+    from imagetransformer.data import NATIVE_SHAPES, REGISTRY, loaded_shape
+
+    assert DATASET_NAMES == tuple(r.name for r in REGISTRY)
+    assert NATIVE_SHAPES == {r.name: r.native_shape for r in REGISTRY}
+    assert loaded_shape("imagenet64") == (3, 64, 64)
+    assert loaded_shape("celeba", 48, 1) == (1, 48, 48)
+    assert [r.name for r in REGISTRY if r.sized] == ["celeba"]
+    assert [r.path_text for r in REGISTRY if r.is_path] == [
+        "a CIFAR-10 archive",
+        "a Downsampled ImageNet file",
+        "a CelebA folder",
+    ]
 
 
 def test_folder_center_crops(tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 def load(
     split: str, root: Path, download: bool = False, image_size: int | None = None
 ) -> ImageDataset:
-    """The ``_BUILTIN`` loader: the set in <root>/celeba/, else in root itself (no download)."""
+    """The registry's loader (`DataSet.load`): the set in <root>/celeba/, else in root itself
+    (no download)."""
     folder = root / NAME
     if _celeba_folder(folder) is None and _celeba_folder(root) is not None:
         folder = root

@@ -2,6 +2,7 @@
 
 Layout rules (checked in this order):
 - ``train/`` and ``test/`` sub-folders are the splits; otherwise a fixed 10% is held out as test.
+  Split ``all`` is every image: both sub-folders, or the whole folder with nothing held out.
 - inside a split, sub-folders are classes (sorted names -> labels 0..K-1); loose images are
   unlabelled.
 """
@@ -24,7 +25,8 @@ _TEST_FRACTION = 10  # 1 in 10 held out when there is no train/test split on dis
 
 
 def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> ImageDataset:
-    """Decode, square-crop and resize the split's images into one uint8 tensor."""
+    """Decode, square-crop and resize the split's images (train, test or all) into one uint8
+    tensor."""
     mode = pil_mode(channels)  # validates channels before any decoding work
     has = [name for name in ("train", "test") if (root / name).is_dir()]
     if len(has) == 1:
@@ -35,25 +37,41 @@ def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> Ima
         )
     if has:
         classes = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
-        files, labels = _scan(root / split, classes)
-        if not files:
-            raise UserError(f"{root / split} holds no images ({_ext_list()}): add some")
+        files: list[Path] = []
+        labels: list[int] | None = [] if classes else None  # _scan labels exactly then
+        for part in ("train", "test") if split == "all" else (split,):
+            found, found_labels = _scan(root / part, classes)
+            if not found:
+                raise UserError(f"{root / part} holds no images ({_ext_list()}): add some")
+            files += found
+            if labels is not None and found_labels is not None:
+                labels += found_labels
     else:
         classes = _class_dirs(root)
         files, labels = _scan(root, classes)
-        if len(files) < 2:
+        if split == "all":
+            if not files:
+                raise UserError(f"{root} holds no images ({_ext_list()}): add some")
+        elif len(files) < 2:
             raise UserError(
                 f"{root} holds {len(files)} image(s) ({_ext_list()}); at least 2 are needed to "
                 "hold one out as test: add images, or give it train/ and test/ sub-folders"
             )
-        keep = _holdout(len(files), split)
-        files = [files[i] for i in keep]
-        labels = None if labels is None else [labels[i] for i in keep]
+        else:
+            keep = _holdout(len(files), split)
+            files = [files[i] for i in keep]
+            labels = None if labels is None else [labels[i] for i in keep]
     images = torch.stack([_decode(f, mode, image_size) for f in files])
     label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     num_classes = len(classes) if labels is not None else None
     ids = [f.relative_to(root).as_posix() for f in files]
     return ImageDataset(images, label_tensor, num_classes, root.resolve().name or str(root), ids)
+
+
+def holds_out(root: Path) -> bool:
+    """True when `root` has no train/ and test/ sub-folders, so its test split is the fixed
+    10% held out of its images."""
+    return not any((root / name).is_dir() for name in ("train", "test"))
 
 
 def _class_dirs(folder: Path) -> list[str]:

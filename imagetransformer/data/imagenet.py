@@ -46,7 +46,8 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipF
 
 
 def loader(name: str) -> Callable[[str, Path, bool], ImageDataset]:
-    """The ``_BUILTIN`` loader for name: files under <root>/<name>/ (download is impossible)."""
+    """The loader of the registry's record `name`: files under <root>/<name>/ (download is
+    impossible)."""
     side = int(name[len("imagenet") :][:2])
 
     def load(split: str, root: Path, download: bool = False) -> ImageDataset:
