@@ -122,3 +122,15 @@ def sample_reference(
                 )
         images = model.from_steps(values)
     return (images, all_logits) if return_logits else images
+
+
+def sample_labels(
+    num_classes: int, n: int, label: int | None, where: torch.device
+) -> torch.Tensor | None:
+    """The classes of `n` samples: none for an unconditional model, else `label` for all of
+    them or, when it is None, every class in turn."""
+    if not num_classes:
+        return None
+    if label is None:
+        return torch.arange(n, device=where) % num_classes
+    return torch.full((n,), label, device=where)

@@ -1,18 +1,18 @@
-"""What several verbs share: device, precision and data options, opening a run, reading images."""
+"""What several verbs share: device, precision and data options, which data a verb reads,
+reading images."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from ..data import ImageDataset
 from ..errors import UserError
 from ..images import fit_image, open_image
-from ..model import ImageTransformer
 from ..precision import PRECISIONS
 from ..run import SPLITS, DataOptions, Run, check_data_fits, load_run_split
+from ..runs_io import open_model, open_run  # the library's; the verbs call them from here
 
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
@@ -70,17 +70,6 @@ def add_image_source(parser: argparse.ArgumentParser, image_help: str) -> None:
 
 def data_options(args: argparse.Namespace) -> DataOptions:
     return DataOptions(args.image_size, args.channels, args.download)
-
-
-def open_model(run_dir: str, where: torch.device) -> ImageTransformer:
-    """The trained model of a run folder (or of a save_pretrained folder), in eval mode."""
-    return ImageTransformer.from_pretrained(run_dir, map_location=where).eval()
-
-
-def open_run(run_dir: str) -> Run | None:
-    """The run record of `run_dir`, or None for a bare save_pretrained folder."""
-    run = Path(run_dir)
-    return Run.open(run) if (run / "run.json").is_file() else None
 
 
 def data_for_run(
@@ -141,18 +130,6 @@ def check_sampling_options(n: int, temperature: float, count: int = 1) -> None:
         raise UserError("--n and --count must be at least 1")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-
-
-def sample_labels(
-    num_classes: int, n: int, label: int | None, where: torch.device
-) -> torch.Tensor | None:
-    """The classes of `n` samples: none for an unconditional model, else `label` for all of
-    them or, when it is None, every class in turn."""
-    if not num_classes:
-        return None
-    if label is None:
-        return torch.arange(n, device=where) % num_classes
-    return torch.full((n,), label, device=where)
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from ..defaults import COMPLETE, SEED
 from ..errors import UserError
 from ..grid import save_grid
 from . import common
@@ -19,12 +20,12 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--keep",
         type=float,
-        default=0.5,
+        default=COMPLETE.keep,
         help="fraction kept, in whole rows (whole block rows for local_2d)",
     )
-    p.add_argument("--n", type=int, default=4, help="completions per image")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=COMPLETE.n, help="completions per image")
+    p.add_argument("--temperature", type=float, default=COMPLETE.temperature)
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default="completions.png")
     common.add_data_options(p)
     p.set_defaults(func=run)

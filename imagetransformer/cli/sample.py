@@ -8,20 +8,22 @@ import time
 import numpy as np
 import torch
 
+from ..defaults import SAMPLE, SEED
 from ..errors import UserError
 from ..grid import save_grid
 from ..precision import autocast
+from ..sampling import sample_labels
 from . import common
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample images into a PNG grid")
     p.add_argument("run_dir")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--n", type=int, default=SAMPLE.n)
+    p.add_argument("--temperature", type=float, default=SAMPLE.temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest values (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--label", type=int, help="class to sample (class-conditional models)")
     p.add_argument("--out", default="samples.png", help="PNG grid path")
     p.add_argument("--npy", help="also save the uint8 array [n, C, H, W] here")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     model = common.open_model(args.run_dir, device)
     if args.label is not None and not model.config.num_classes:
         raise UserError("--label given but this model is unconditional (num_classes=0)")
-    labels = common.sample_labels(model.config.num_classes, args.n, args.label, device)
+    labels = sample_labels(model.config.num_classes, args.n, args.label, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
     with autocast(device, args.precision):

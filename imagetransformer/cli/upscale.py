@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from ..defaults import SEED, UPSCALE
 from ..errors import UserError
 from ..grid import save_grid
 from ..images import open_image, upscale_input
@@ -22,9 +23,9 @@ def add_parser(subparsers) -> None:
     common.add_image_source(
         p, "a low-resolution image (an image of the output size is downsampled first)"
     )
-    p.add_argument("--n", type=int, default=4, help="samples per input")
-    p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=UPSCALE.n, help="samples per input")
+    p.add_argument("--temperature", type=float, default=UPSCALE.temperature, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default="upscaled.png", help="PNG grid path")
     p.add_argument("--npy", help="also save the uint8 samples [count*n, C, H, W] here")
     common.add_data_options(p)

@@ -25,13 +25,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..cli.common import open_model, open_run
 from ..data import ImageDataset
 from ..errors import UserError
 from ..grid import grid_png
 from ..layout import area_downsample
 from ..model import ImageTransformer
 from ..run import Run, check_data_fits
+from ..runs_io import open_model, open_run
 from ..superres import upsample_nearest
 from . import tasks
 from .events import EventStream

@@ -11,19 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cli.common import sample_labels
+from ..defaults import BY_VERB, COMPLETE, SEED
 from ..errors import UserError
 from ..model import ImageTransformer
+from ..sampling import sample_labels
 from .generation import Generation
 
 MAX_N = 64
 MAX_SEED = 2**63 - 1
-# n and temperature of each page when not given: the defaults of its command-line verb
-DEFAULTS = {
-    "sample": {"n": 16, "temperature": 1.0},
-    "complete": {"n": 4, "temperature": 1.0, "keep": 0.5},
-    "upscale": {"n": 4, "temperature": 0.9},
-}
+# n and temperature (and keep) of each page when not given: its command-line verb's defaults
+DEFAULTS = {verb: draws.as_dict() for verb, draws in BY_VERB.items()}
 
 
 def pages(model: ImageTransformer) -> list[str]:
@@ -96,7 +93,7 @@ class Draws:
         return cls(
             n=integer(params, "n", defaults["n"], 1, MAX_N),
             temperature=number(params, "temperature", defaults["temperature"], 0.0),
-            seed=integer(params, "seed", 0, 0, MAX_SEED),
+            seed=integer(params, "seed", SEED, 0, MAX_SEED),
         )
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -142,7 +139,7 @@ def complete(
     """`imagetransformer complete`: n completions of `image` [C, H, W], keeping the first
     `keep` of it; a conditional model takes the asked class, else `label` (the image's own)."""
     draws = Draws.parse(params, "complete")
-    keep = model.keep_positions(number(params, "keep", DEFAULTS["complete"]["keep"], 0.0, 1.0))
+    keep = model.keep_positions(number(params, "keep", COMPLETE.keep, 0.0, 1.0))
     asked = chosen_class(params, model)
     label = label if asked is None else asked
     if model.config.num_classes and label is None:
