@@ -88,7 +88,33 @@ def test_compress_and_decompress_commands(run, tmp_path, capsys):
     assert main(["decompress", str(run), str(packed), "-o", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "truncated" in err[0] and not (tmp_path / "none").exists()
-    # colour images for a grey model: refused, naming the conversion
-    Image.new("RGB", (8, 8)).save(tmp_path / "colour.png")
-    assert main(["compress", str(run), str(tmp_path / "colour.png"), "-o", str(packed)]) == 2
-    assert "--channels 1" in capsys.readouterr().err
+    # images of the model's shape: nothing converted, nothing said about it
+    assert main(["compress", str(run), str(folder), "-o", str(packed)]) == 0
+    assert "converted" not in capsys.readouterr().out
+
+
+def test_compress_reads_images_at_the_models_shape_and_says_so(run, tmp_path, capsys):
+    """Without flags, a 16x16 colour image is read as the grey 8x8 the model takes (the same
+    conversion as `score` makes of a folder), and the output says the decoded images are the
+    converted ones; a flag that does not fit is refused, naming the one that does."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(folder / "a_colour.png")
+    grey = load_dataset("mnist5k", "test", image_size=8).images[0, 0].numpy()
+    Image.fromarray(grey).save(folder / "b_grey.png")
+    packed = tmp_path / "mixed.itc"
+    capsys.readouterr()
+    assert main(["compress", str(run), str(folder), "-o", str(packed)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images" in out and "1 of the 2 images were converted to 1x8x8" in out
+    decoded = tmp_path / "decoded"
+    assert main(["decompress", str(run), str(packed), "-o", str(decoded)]) == 0
+    as_read = load_dataset(str(folder), "all", image_size=8, channels=1).images
+    for i, expected in enumerate(as_read.numpy()):
+        assert np.array_equal(np.asarray(Image.open(decoded / f"image_{i:05d}.png")), expected[0])
+    capsys.readouterr()
+    argv = ["compress", str(run), str(folder), "--channels", "3", "-o", str(packed)]
+    assert main(argv) == 2
+    assert "--image-size 8 --channels 1" in capsys.readouterr().err

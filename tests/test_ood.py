@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
@@ -118,3 +119,36 @@ def test_black_images_fool_raw_likelihood_and_input_complexity_fixes_it(runs):
     raw = auroc(scores["in"]["bits/dim"], scores["out"]["bits/dim"])
     fixed = auroc(scores["in"]["input complexity"], scores["out"]["input complexity"])
     assert raw < 0.1 and fixed > 0.9, (raw, fixed)
+
+
+def _digit_folder(folder: Path, n: int) -> None:
+    """`n` grey 8x8 digit PNGs: images of the tiny model's own shape, 1x8x8."""
+    folder.mkdir()
+    for i, image in enumerate(load_dataset("mnist5k", "train", image_size=8).images[:n].numpy()):
+        Image.fromarray(image[0]).save(folder / f"{i:02d}.png")
+
+
+def _sets(report: Path) -> dict[str, int]:
+    with open(report / "ood_scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {part: sum(r["set"] == part for r in rows) for part in ("in", "out")}
+
+
+def test_ood_reads_named_folders_whole_at_the_models_shape(runs, tmp_path, capsys):
+    """A folder of images of the model's shape needs no flags, and every image of it is used
+    (not its automatic test split); the output names the images and counts them."""
+    model, _ = runs
+    folder = tmp_path / "digits"
+    _digit_folder(folder, 12)
+    report = tmp_path / "report"
+    capsys.readouterr()
+    argv = ["ood", str(model), "--out", str(folder), "--limit", "20", "--report", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert _sets(report) == {"in": 20, "out": 12}
+    assert "in: mnist5k test split, 20 images" in out
+    assert f"out: {folder} (all images), 12 images" in out
+    argv = ["ood", str(model), "--in", str(folder), "--out", "noise", "--report", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert _sets(report) == {"in": 12, "out": 12}
+    assert f"in: {folder} (all images), 12 images" in capsys.readouterr().out

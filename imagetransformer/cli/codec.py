@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..checkpoint import atomic_write_bytes
 from ..data.folder import EXTENSIONS
 from ..data.resize import check_options, pil_mode, square_resize
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from ..tools.codec import compress, decompress
 from . import common
 
@@ -24,8 +24,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("-o", "--output", required=True, help="the .itc file to write")
     p.add_argument("--batch-size", type=int, default=16, help="images coded side by side")
-    p.add_argument("--image-size", type=int, help="resize images to this side first")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 or 3 channels")
+    p.add_argument(
+        "--image-size", type=int, help="resize images to this side first (default: the model's)"
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="convert to 1 or 3 channels first (default: the model's)",
+    )
     common.add_device(p)
     p.set_defaults(func=run_compress)
     d = subparsers.add_parser("decompress", help="decode an .itc file back to PNG images")
@@ -42,13 +49,21 @@ def run_compress(args: argparse.Namespace) -> int:
     check_options(args.image_size, args.channels)
     model = common.open_model(args.run_dir, common.device(args.device))
     paths = _image_paths(args.images)
-    images = _read(paths, args.image_size, args.channels, tuple(model.config.image_shape))
+    images, converted = _read(
+        paths, args.image_size, args.channels, tuple(model.config.image_shape)
+    )
     result = compress(model, images, batch_size=args.batch_size)
     atomic_write_bytes(args.output, result.data)
     print(
         f"wrote {args.output}: {result.images} images, {len(result.data)} bytes, "
         f"{result.bits_per_dim:.4f} bits/dim (headers included)"
     )
+    if converted:
+        shape = "x".join(map(str, model.config.image_shape))
+        print(
+            f"note: {converted} of the {len(paths)} images were converted to {shape} first; "
+            "decompress gives back the converted images, not those files"
+        )
     return 0
 
 
@@ -84,16 +99,21 @@ def _image_paths(given: list[str]) -> list[Path]:
     return paths
 
 
-def _read(paths, image_size, channels, shape) -> torch.Tensor:
-    """Each file converted as `train` converts a folder (--image-size, --channels), then checked
-    against the model's shape."""
+def _read(paths, image_size, channels, shape) -> tuple[torch.Tensor, int]:
+    """Each file converted as a folder is read for a model: to --image-size and --channels,
+    by default the model's side and channels (a square model); then checked against the
+    model's shape. Returns the images and how many of them the conversion changed."""
     c, h, w = shape
-    images = []
+    channels = channels or c
+    image_size = image_size or (h if h == w else None)
+    mode = pil_mode(channels)
+    images, converted = [], 0
     for path in paths:
         try:
             with Image.open(path) as image:
-                want = channels or (1 if image.mode in ("1", "L", "LA", "I", "I;16") else 3)
-                image = image.convert(pil_mode(want))
+                resized = image_size is not None and image.size != (image_size, image_size)
+                native = image.mode == mode and not resized
+                image = image.convert(mode)
                 if image_size:
                     image = square_resize(image, image_size)
                 array = np.asarray(image, dtype=np.uint8)
@@ -105,5 +125,6 @@ def _read(paths, image_size, channels, shape) -> torch.Tensor:
                 f"{path} is {'x'.join(map(str, array.shape))} but the model takes {c}x{h}x{w}: "
                 f"convert with --image-size {h} --channels {c}"
             )
+        converted += not native
         images.append(torch.from_numpy(array.copy()))
-    return torch.stack(images)
+    return torch.stack(images), converted

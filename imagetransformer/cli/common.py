@@ -1,15 +1,19 @@
-"""What several verbs share: device, precision and data options, which data a verb reads,
-reading images."""
+"""What several verbs share: device, precision and data options, which images a verb with a
+model reads, reading images."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..data import ImageDataset
+from ..data import ALL, ImageDataset, is_image_folder
+from ..data.folder import holds_out
 from ..errors import UserError
 from ..images import fit_image, open_image
+from ..model import ImageTransformer
 from ..precision import PRECISIONS
 from ..run import SPLITS, DataOptions, Run, check_data_fits, load_run_split
 from ..runs_io import open_model, open_run  # the library's; the verbs call them from here
@@ -73,45 +77,109 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 
 def data_for_run(
-    args: argparse.Namespace, given: str | None
+    args: argparse.Namespace, given: str | None, shape: tuple[int, int, int] | None = None
 ) -> tuple[str, DataOptions, Run | None]:
     """The data set to read (`given`, else the run's own) and how to convert it (as the run was
-    trained, with --image-size/--channels taking precedence); and the run, if recorded."""
+    trained, with --image-size/--channels taking precedence); and the run, if recorded. With
+    the model's `shape`, an image folder is read at that shape unless the flags say otherwise
+    (`fit_folder`)."""
     the_run = open_run(args.run_dir)
     spec = given or (the_run.info.data if the_run else None)
     if spec is None:
         raise UserError(f"{args.run_dir} has no run.json: name the data set (--data NAME|PATH)")
     options = data_options(args)
-    return spec, (the_run.info.data_options(options) if the_run else options), the_run
+    options = the_run.info.data_options(options) if the_run else options
+    return spec, fit_folder(options, spec, shape), the_run
 
 
-def model_and_split(args: argparse.Namespace):
-    """What `eval` and `score` start from: the run's model and the asked split (`--data`,
-    default the run's own), converted as the run was trained and checked against the model.
-    Returns (model, dataset, data spec, data options, run or None)."""
+def fit_folder(options: DataOptions, spec: str, shape: tuple[int, int, int] | None) -> DataOptions:
+    """`options` for reading `spec` into a model of `shape` [C, H, W]: an image folder is read
+    at the model's side and channels where neither the flags nor the run say otherwise (instead
+    of the 3x32x32 a folder defaults to); any other set as it is."""
+    if shape is None or not is_image_folder(spec):
+        return options
+    c, h, w = shape
+    return DataOptions(
+        image_size=options.image_size if options.image_size is not None or h != w else h,
+        channels=options.channels if options.channels is not None else c,
+        download=options.download,
+    )
+
+
+@dataclass
+class ModelData:
+    """What `eval` and `score` start from: a model and the images to read with it."""
+
+    model: ImageTransformer
+    dataset: ImageDataset
+    spec: str
+    options: DataOptions
+    split: str
+    run: Run | None
+
+    @property
+    def what(self) -> str:
+        """Which images these are, for the verb's report (`describe_split`)."""
+        return describe_split(self.spec, self.split)
+
+
+def model_and_split(args: argparse.Namespace) -> ModelData:
+    """The run's model and the asked split (`--split`, see `choose_split`) of `--data` (default
+    the run's own), converted as the run was trained (an image folder: to the model's shape)
+    and checked against the model."""
     if args.batch_size < 1 or args.limit < 0:
         raise UserError("--batch-size must be at least 1 and --limit at least 0")
     model = open_model(args.run_dir, device(args.device))
-    spec, options, the_run = data_for_run(args, args.data)
-    dataset = load_split(spec, options, args.split, the_run)
+    shape = tuple(model.config.image_shape)
+    spec, options, the_run = data_for_run(args, args.data, shape)
+    split = choose_split(args.split, spec, the_run)
+    dataset = load_split(spec, options, split, the_run)
     check_data_fits(model.config, dataset, training=False)
-    return model, dataset, spec, options, the_run
+    return ModelData(model, dataset, spec, options, split, the_run)
+
+
+def choose_split(asked: str | None, spec: str, the_run: Run | None) -> str:
+    """`asked` when given; else every image of an image folder named on the command line, and
+    the test split of the run's own data or of any other set."""
+    if asked is not None:
+        return asked
+    if the_run is not None and _same_data(spec, the_run.info.data):
+        return "test"
+    return ALL if is_image_folder(spec) else "test"
+
+
+def _same_data(spec: str, recorded: str) -> bool:
+    """True when `spec` names the data set `recorded` (the same name, or the same path)."""
+    if spec.strip().lower() == recorded.strip().lower():
+        return True
+    given, own = Path(spec).expanduser(), Path(recorded).expanduser()
+    return given.exists() and own.exists() and given.resolve() == own.resolve()
+
+
+def describe_split(spec: str, split: str) -> str:
+    """Which images of `spec` split `split` is, in a report's words."""
+    if split == ALL:
+        return f"{spec} (all images)"
+    if split == "test" and is_image_folder(spec) and holds_out(Path(spec).expanduser()):
+        return f"{spec} test split (the 10% the folder holds out; --split all reads every image)"
+    return f"{spec} {split} split"
 
 
 def load_split(spec: str, options: DataOptions, split: str, the_run: Run | None) -> ImageDataset:
     """Split `split` of `spec`; `train` and `validation` as `the_run` divided its train split
-    (a bare model folder held out nothing)."""
+    (a bare model folder held out nothing); `all`: every image of an image folder."""
+    if split == ALL:
+        return options.load(spec, ALL)
     fraction = the_run.info.train.validation_fraction if the_run is not None else 0.0
     return load_run_split(options, spec, split, fraction)
 
 
-def add_split(parser: argparse.ArgumentParser, default: str = "test") -> None:
+def add_split(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
-        default=default,
-        choices=SPLITS,
-        help="validation: the part of train a run holds out to choose its weights "
-        f"(default {default})",
+        choices=(*SPLITS, ALL),
+        help="validation: the part of train a run holds out to choose its weights; all: every "
+        "image of an image folder (default: all of an image folder you name, else test)",
     )
 
 

@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, dataset, spec, options, the_run = common.model_and_split(args)
+    data = common.model_and_split(args)
+    model, dataset = data.model, data.dataset
     started = time.perf_counter()
     result = evaluate(
         model,
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.classify:
         if model.config.num_classes == 0:
             raise UserError("--classify needs a class-conditional model (num_classes > 0)")
-        train_labels = options.load(spec, "train").labels if the_run else None
+        train_labels = data.options.load(data.spec, "train").labels if data.run else None
         result["classification"] = classification_accuracy(
             model,
             dataset,
@@ -75,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.json,
         )
-    result.update(split=args.split, data=spec, seconds=round(time.perf_counter() - started, 2))
+    result.update(split=data.split, data=data.spec, seconds=round(time.perf_counter() - started, 2))
     if args.json:
         print(json.dumps(result))
         return 0
     per_channel = ", ".join(f"{v:.4f}" for v in result.get("bits_per_dim_per_channel", []))
     print(
-        f"{spec} {args.split}: {result['bits_per_dim']:.4f} bits/dim over "
+        f"{data.what}: {result['bits_per_dim']:.4f} bits/dim over "
         f"{result['images']} images" + (f" (per channel: {per_channel})" if per_channel else "")
     )
     if "superres" in result:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from ..run import check_data_fits
 from ..tools.ood import (
     SYNTHETIC,
@@ -53,14 +53,21 @@ def run(args: argparse.Namespace) -> int:
     device = common.device(args.device)
     model = common.open_model(args.run_dir, device)
     background = common.open_model(args.background, device) if args.background else None
-    in_spec, options, the_run = common.data_for_run(args, args.in_data)
-    in_set = common.load_split(in_spec, options, args.split, the_run)
+    shape = tuple(model.config.image_shape)
+    in_spec, options, the_run = common.data_for_run(args, args.in_data, shape)
+    in_split = common.choose_split(args.split, in_spec, the_run)
+    in_set = common.load_split(in_spec, options, in_split, the_run)
+    in_what = common.describe_split(in_spec, in_split)
     if args.limit:
         in_set = _first(in_set, args.limit)
     if args.out_data in SYNTHETIC:
         out_set = synthetic_set(args.out_data, in_set)
+        out_what = f"{args.out_data} (made from the in-distribution images)"
     else:
-        out_set = common.load_split(args.out_data, options, args.split, the_run)
+        out_split = common.choose_split(args.split, args.out_data, the_run)
+        out_options = common.fit_folder(options, args.out_data, shape)
+        out_set = common.load_split(args.out_data, out_options, out_split, the_run)
+        out_what = common.describe_split(args.out_data, out_split)
         if args.limit:
             out_set = _first(out_set, args.limit)
     for dataset in (in_set, out_set):
@@ -73,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     scores = {name: ood_scores(bits[name], png[name], bg[name]) for name in bits}
     metrics = {s: detection_metrics(scores["in"][s], scores["out"][s]) for s in scores["in"]}
     print(
-        f"in: {in_set.name} ({len(in_set)} images, {bits['in'].mean():.3f} bits/dim); "
-        f"out: {out_set.name} ({len(out_set)} images, {bits['out'].mean():.3f} bits/dim)"
+        f"in: {in_what}, {len(in_set)} images, {bits['in'].mean():.3f} bits/dim; "
+        f"out: {out_what}, {len(out_set)} images, {bits['out'].mean():.3f} bits/dim"
     )
     print("| score | AUROC | AUPR (in) | FPR at 95% TPR |\n|---|---|---|---|")
     for name, m in metrics.items():

@@ -28,10 +28,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, dataset, spec, options, the_run = common.model_and_split(args)
+    data = common.model_and_split(args)
+    model, dataset, the_run = data.model, data.dataset, data.run
     log_prior = None
     if args.marginal and model.config.num_classes and the_run is not None:
-        train_labels = options.load(the_run.info.data, "train").labels
+        train_labels = data.options.load(the_run.info.data, "train").labels
         log_prior = class_log_prior(train_labels, model.config.num_classes)
     scores = score(
         model,
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     summary = scores.summary()
     written = write_report(scores, out)
     print(
-        f"{spec} {args.split}: {summary['images']} images, mean {summary['mean_bits_per_dim']:.4f}"
-        f" bits/dim (median {summary['median_bits_per_dim']:.4f}); wrote "
+        f"{data.what}: {summary['images']} images, mean {summary['mean_bits_per_dim']:.4f} bits/dim"
+        f" (median {summary['median_bits_per_dim']:.4f}); wrote "
         + ", ".join(str(p) for p in written)
     )
     return 0

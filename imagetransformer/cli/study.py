@@ -85,8 +85,10 @@ def run_create(args: argparse.Namespace) -> int:
         preset = the_run.info.preset if the_run else None
         runs.append((Condition(name, str(Path(path).resolve()), model.config.scale, preset), model))
     args.run_dir = conditions[0][1]  # whose data and conversion the study takes by default
-    spec, options, the_run = common.data_for_run(args, args.data)
-    dataset = common.load_split(spec, options, args.split, the_run)
+    shape = tuple(runs[0][1].config.image_shape)
+    spec, options, the_run = common.data_for_run(args, args.data, shape)
+    split = common.choose_split(args.split, spec, the_run)
+    dataset = common.load_split(spec, options, split, the_run)
     for condition, model in runs:
         try:
             common.check_data_fits(model.config, dataset, training=False)
@@ -97,7 +99,7 @@ def run_create(args: argparse.Namespace) -> int:
         runs,
         dataset,
         data=spec,
-        split=args.split,
+        split=split,
         temperatures=args.temperatures,
         count=args.images,
         seed=args.seed,
@@ -105,7 +107,7 @@ def run_create(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(
-        f"wrote {args.out}: {len(manifest.images)} images of {spec} {args.split}, "
+        f"wrote {args.out}: {len(manifest.images)} images of {common.describe_split(spec, split)}, "
         f"{len(manifest.pairs)} pairs ({len(runs)} condition{'s' * (len(runs) > 1)} x "
         f"{len(manifest.temperatures)} temperatures); each rater judges one pair per image "
         f"(serve it with: imagetransformer study serve {args.out})"
