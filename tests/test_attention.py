@@ -114,8 +114,30 @@ def test_auto_backend_choice():
     assert resolve_backend("flex", local, "cpu") == "flex"
 
 
-def test_flex_is_a_config_backend():
-    assert tiny_config(backend="flex").backend == "flex"
+def test_a_flex_config_builds_a_model_that_computes_through_flex(monkeypatch):
+    """backend="flex" in a config (as config.json stores it) makes the model call
+    flex_attention, and the function is the dense backend's."""
+    import json
+
+    from imagetransformer import ImageTransformerConfig
+
+    config = tiny_config("local_2d", num_heads=4, backend="flex")
+    restored = ImageTransformerConfig.from_dict(json.loads(config.to_json()))
+    model = ImageTransformer(restored).eval()
+    calls = []
+    real_flex = attention_module._flex_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_flex(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_flex_attention", counted)
+    images = random_images(model.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to another backend
+        logits = model(images)
+    assert len(calls) == model.config.num_layers
+    assert torch.allclose(logits, model.use_backend("dense")(images), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

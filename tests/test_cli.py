@@ -537,7 +537,11 @@ def test_every_preset_fits_its_default_data(name) -> None:
 
 
 def test_presets_on_embedded_data_build_their_trainer() -> None:
-    """For the presets whose data ships with the package, the real data fits the real trainer."""
+    """For the presets whose data ships with the package, the real data as the run reads it is
+    what the real trainer's model takes: it gives those images finite bits (an untrained model:
+    near a uniform guess's 8), and images of another shape are refused, naming the fix."""
+    from imagetransformer.data import ImageDataset
+    from imagetransformer.errors import UserError
     from imagetransformer.presets import preset_data_options
     from imagetransformer.run import Run
     from imagetransformer.training import Trainer
@@ -547,7 +551,16 @@ def test_presets_on_embedded_data_build_their_trainer() -> None:
             continue
         run = Run.new(None, name)
         train, test = run.load_split("train"), run.load_split("test")
-        Trainer(run, train, test, progress=False)  # refuses data that does not fit
+        model = Trainer(run, train, test, progress=False).model
+        assert train.shape == test.shape == tuple(model.config.image_shape), name
+        images, labels = train.batch(torch.arange(2))
+        bits = model.bits_per_dim(images, labels if model.config.num_classes else None)
+        assert bool(torch.isfinite(bits).all()) and 0 < float(bits.max()) < 12, (name, bits)
+        c, h, w = train.shape
+        colour = ImageDataset(torch.zeros(4, 4 - c, h, w, dtype=torch.uint8), None, None, "other")
+        refusal = f"holds {4 - c}x{h}x{w} images but the model takes {c}x{h}x{w}: pick a preset"
+        with pytest.raises(UserError, match=refusal):
+            Trainer(run, colour, test, progress=False)
 
 
 def test_train_tiny_with_just_the_preset(tmp_path, monkeypatch, capsys) -> None:
@@ -578,3 +591,18 @@ def test_resume_may_start_a_moving_average(tmp_path, monkeypatch, capsys) -> Non
     state = _checkpoint(run)
     assert state["step"] == 4 and "ema" in state
     assert "raw weights" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verb", ["train", "score"])
+def test_ctrl_c_says_resume_only_for_train(verb, monkeypatch, capsys) -> None:
+    """Interrupting a verb is one line; only training has a checkpoint to resume from."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"imagetransformer.cli.{verb}"), "run", interrupted)
+    assert main([verb, "RUN"] if verb == "score" else [verb]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imagetransformer: interrupted") and "\n" not in err
+    assert ("train --resume" in err) == (verb == "train")

@@ -63,12 +63,21 @@ def test_unknown_precision_is_refused():
         TrainConfig(precision="fp8")
 
 
-def test_cached_sampling_runs_under_bf16_autocast():
-    from imagetransformer import ImageTransformer
+def test_cached_sampling_under_bf16_autocast_follows_the_model():
+    """Under bf16 autocast the cached sampler's logits at every step are those of the whole
+    network run on the images it drew, to bf16's precision: its key/value cache holds the
+    keys the full pass computes, whatever dtype autocast gives them."""
+    from imagetransformer.sampling import sample
 
-    from .helpers import tiny_config
-
-    model = ImageTransformer(tiny_config("local_2d"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        images = model.sample(2, generator=torch.Generator().manual_seed(0))
-    assert images.shape == (2, 3, 4, 6) and images.dtype == torch.uint8
+    for kind in ("local_1d", "local_2d"):
+        model = ImageTransformer(tiny_config(kind)).eval()
+        with torch.no_grad():
+            model.head.weight.mul_(10)  # logits of a few units: a wrong cache shows
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            images, logits = sample(model, 2, generator=generator, return_logits=True)
+        assert logits.dtype == torch.bfloat16  # autocast did apply
+        with torch.no_grad():
+            exact = model.logits_in_generation_order(images)  # fp32, the whole network
+        assert exact.abs().max() > 2
+        assert torch.allclose(logits.float(), exact, atol=0.1), kind

@@ -38,10 +38,26 @@ def test_cosine_schedule_reaches_zero():
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
-    first_epoch = torch.cat([batch_indices(s, 20, 5, seed=1) for s in range(4)])
-    assert torch.equal(first_epoch.sort().values, torch.arange(20))
-    assert torch.equal(batch_indices(6, 20, 5, 1), batch_indices(6, 20, 5, 1))
-    assert not torch.equal(batch_indices(4, 20, 5, 1), batch_indices(0, 20, 5, 1))
+    """Each epoch visits every image at most once, in a new order per epoch and per seed; and a
+    step's batch depends on (seed, step) alone, not on the global RNG or the steps before it, so
+    a resumed run draws the batches an unbroken one would."""
+    n, size = 22, 5  # 4 batches per epoch; 2 images wait for the next epoch
+    epochs = [
+        torch.cat([batch_indices(4 * e + s, n, size, seed=1) for s in range(4)]) for e in (0, 1, 2)
+    ]
+    for epoch in epochs:
+        assert len(set(epoch.tolist())) == 20 and 0 <= int(epoch.min()) <= int(epoch.max()) < n
+    assert not torch.equal(epochs[0], epochs[1])
+    assert not torch.equal(batch_indices(0, n, size, 1), batch_indices(0, n, size, 2))
+    with torch.random.fork_rng():
+        torch.manual_seed(999)
+        torch.rand(7)  # another global RNG state, as after some other work
+        before = torch.get_rng_state()
+        resumed = batch_indices(9, n, size, seed=1)  # step 9 alone: epoch 2, its second batch
+        assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+    assert torch.equal(resumed, epochs[2][5:10])
+    larger = batch_indices(0, 3, 7, seed=1)  # a batch larger than the data: the order repeats
+    assert sorted(torch.bincount(larger).tolist()) == [2, 2, 3]
 
 
 def _trainer(tmp_path, name, train, test, model_overrides=None, **train_overrides):

@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagetransformer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\nimagetransformer: interrupted; the last checkpoint is kept (train --resume "
-            "continues from it)",
-            file=sys.stderr,
+        kept = (
+            "; the last checkpoint is kept (train --resume continues from it)"
+            if args.command == "train"
+            else ""
         )
+        print(f"\nimagetransformer: interrupted{kept}", file=sys.stderr)
         return 130
 
 
