@@ -70,6 +70,7 @@ class DataOptions:
     image_size: int | None = None
     channels: int | None = None
     download: bool = False
+    crops: int | None = None  # random crops per image of a folder (None or 0: one resized copy)
 
     def load(self, spec: str, split: str) -> ImageDataset:
         return load_dataset(
@@ -78,6 +79,7 @@ class DataOptions:
             image_size=self.image_size,
             channels=self.channels,
             download=self.download,
+            crops=self.crops or 0,
         )
 
 
@@ -90,6 +92,7 @@ class RunInfo:
     preset: str | None = None
     image_size: int | None = None
     channels: int | None = None
+    crops: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     world_size: int | None = None  # processes of the latest (re)start; None: not recorded
     # the step and validation bits/dim of the weights in model.safetensors (None: the latest)
@@ -103,6 +106,7 @@ class RunInfo:
                 "preset": self.preset,
                 "image_size": self.image_size,
                 "channels": self.channels,
+                "crops": self.crops,
                 "world_size": self.world_size,
                 "selected": self.selected,
                 **self.extra,
@@ -123,6 +127,7 @@ class RunInfo:
                 preset=data.pop("preset", None),
                 image_size=data.pop("image_size", None),
                 channels=data.pop("channels", None),
+                crops=data.pop("crops", None),
                 world_size=data.pop("world_size", None),
                 selected=data.pop("selected", None),
                 extra=data,
@@ -140,6 +145,7 @@ class RunInfo:
             image_size=given.image_size if given.image_size is not None else self.image_size,
             channels=given.channels if given.channels is not None else self.channels,
             download=given.download,
+            crops=given.crops if given.crops is not None else self.crops,
         )
 
 
@@ -196,6 +202,7 @@ class Run:
                 image_size=options.image_size or default.image_size,
                 channels=options.channels or default.channels,
                 download=options.download,
+                crops=options.crops,
             )
         info = RunInfo(
             train=train,
@@ -203,6 +210,7 @@ class Run:
             preset=preset,
             image_size=options.image_size,
             channels=options.channels,
+            crops=options.crops,
         )
         return cls(Path(path) if path else default_run_dir(preset), config, info)
 

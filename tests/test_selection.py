@@ -3,6 +3,7 @@ kept, the overfitting warning, exact resumption, and mirrored training images.""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -225,3 +226,64 @@ def test_mirrored_images_are_trained_on_and_resume_stays_exact(tmp_path, digits8
         straight.model.named_parameters(), resumed.model.named_parameters(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _photos(folder, count: int, size=(120, 90)) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(count)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"photo{i:02d}.png")
+
+
+def test_random_crops_of_a_folder_are_seeded_per_image_and_at_several_scales(tmp_path):
+    from PIL import Image
+
+    from imagetransformer.data.folder import random_crops
+
+    _photos(tmp_path / "train", 4)
+    _photos(tmp_path / "test", 2)
+    train = load_dataset(str(tmp_path), "train", image_size=16, crops=25)
+    assert len(train) == 100 and train.shape == (3, 16, 16)
+    assert train.groups.tolist() == [i for i in range(4) for _ in range(25)]
+    again = load_dataset(str(tmp_path), "train", image_size=16, crops=25)
+    assert torch.equal(train.images, again.images)  # seeded
+    # an image's crops do not depend on the other files of the folder
+    (tmp_path / "train" / "photo00.png").unlink()
+    fewer = load_dataset(str(tmp_path), "train", image_size=16, crops=25)
+    assert torch.equal(fewer.images, train.images[25:])
+    # the crops are of several sizes: some close-ups, some near the whole picture
+    with Image.open(tmp_path / "train" / "photo01.png") as photo:
+        photo = photo.convert("RGB")
+        crops = random_crops(photo, 16, 200, "train/photo01.png")
+        whole = np.asarray(photo.resize((16, 16), Image.BOX)).astype(float)
+    distances = [np.abs(c.astype(float) - whole).mean() for c in crops]
+    assert len({c.tobytes() for c in crops}) == 200
+    assert min(distances) < 0.5 * max(distances)
+    # validation holds out whole photos, never crops of training photos
+    kept, held = split_validation(train, 0.25)
+    assert set(held.groups.tolist()).isdisjoint(kept.groups.tolist())
+    assert len(held) == 25
+    with pytest.raises(UserError, match="not one: drop --crops"):
+        load_dataset("mnist5k", "train", crops=3)
+
+
+def test_training_on_crops_is_recorded_and_reused_by_the_verbs(tmp_path, capsys):
+    from imagetransformer.cli import main
+
+    _photos(tmp_path / "photos" / "train", 3)
+    _photos(tmp_path / "photos" / "test", 1)
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(tmp_path / "photos"), "--crops", "10"]
+    args += ["--image-size", "8", "--channels", "1", "--out", str(out), "--quiet"]
+    args += ["--set", "max_steps=2", "--set", "sample_count=0"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "20 train / 10 validation / 10 test images" in said
+    assert json.loads((out / "run.json").read_text())["crops"] == 10
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 10
+    code = main(["train", "--out", str(out), "--resume", "--crops", "5", "--quiet"])
+    assert code == 2 and "trained with --crops 10" in capsys.readouterr().err

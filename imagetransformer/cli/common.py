@@ -73,7 +73,7 @@ def add_image_source(parser: argparse.ArgumentParser, image_help: str) -> None:
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:
-    return DataOptions(args.image_size, args.channels, args.download)
+    return DataOptions(args.image_size, args.channels, args.download, getattr(args, "crops", None))
 
 
 def data_for_run(
@@ -103,6 +103,7 @@ def fit_folder(options: DataOptions, spec: str, shape: tuple[int, int, int] | No
         image_size=options.image_size if options.image_size is not None or h != w else h,
         channels=options.channels if options.channels is not None else c,
         download=options.download,
+        crops=options.crops,
     )
 
 

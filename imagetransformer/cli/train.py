@@ -7,6 +7,7 @@ import time
 
 from .. import distributed
 from ..config import BACKEND_CHOICES, TASKS
+from ..errors import UserError
 from ..presets import DEFAULT_PRESET
 from ..run import Run, default_run_dir
 from ..training import Stopped, Trainer
@@ -31,6 +32,13 @@ def add_parser(subparsers) -> None:
         help="override a model or training setting, e.g. --set num_layers=6",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--crops",
+        type=int,
+        help="a folder of photos larger than the model: cut this many random squares at random "
+        "scales from every image (whole images held out for validation) instead of one "
+        "resized copy each",
+    )
     common.add_data_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -83,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         out = args.out or default_run_dir(args.preset or DEFAULT_PRESET, resume=True)
         the_run = Run.resume(out, settings, data=args.data, preset=args.preset)
+        if args.crops is not None and args.crops != (the_run.info.crops or 0):
+            raise UserError(
+                f"{the_run.path} was trained with --crops {the_run.info.crops or 0}; resume "
+                "without --crops, or start a new run with another --out"
+            )
     else:
         the_run = Run.new(args.out, args.preset, settings, args.data, options)
     train_set, validation_set, test_set = the_run.load_training_splits(options)

@@ -151,6 +151,7 @@ def load_dataset(
     channels: int | None = None,
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
+    crops: int = 0,
 ) -> ImageDataset:
     """Load one split of a built-in set (by name) or a path (image folder, CIFAR-10/ImageNet
     file, CelebA folder).
@@ -160,10 +161,18 @@ def load_dataset(
     folders default to 32 and 3; CelebA is decoded at ``image_size`` (default 32). Split
     ``all`` is every image of an image folder (train/ and test/ together, or all of a folder
     that has no such sub-folders); the other sets come in train and test splits only.
+    ``crops`` > 0 cuts that many random crops at random scales from every image of a folder,
+    instead of one resized copy (refused for the other sets).
     """
     if split not in (*SPLITS, ALL):
         raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     check_options(image_size, channels)
+    if crops < 0:
+        raise UserError(f"crops must be >= 0 (0: one resized copy per image), got {crops}")
+    if crops and not is_image_folder(spec):
+        raise UserError(
+            f"--crops cuts crops from a folder of images, and {spec} is not one: drop --crops"
+        )
     spec = str(spec)
     name = spec.strip().lower()
     record = DATASETS.get(name)
@@ -187,7 +196,7 @@ def load_dataset(
         ds = record.load_path(path, split, image_size if record.sized else None)
         return conform(ds, image_size, channels)
     if path.is_dir():
-        return folder.load(path, split, image_size or 32, channels or 3)
+        return folder.load(path, split, image_size or 32, channels or 3, crops)
     raise UserError(
         f"{path} is not a data set: give a folder of images, "
         + "".join(f"{r.path_hint}, " for r in _PATH_KINDS)

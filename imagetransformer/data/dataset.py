@@ -38,6 +38,8 @@ class ImageDataset(Dataset):
             raise ValueError(f"{len(ids)} ids for {len(images)} images")
         self.images = images.contiguous()
         self.ids = ids
+        # which source image each image comes from (random crops of a photo); None: its own
+        self.groups: torch.Tensor | None = None
         self.labels = labels
         self.num_classes = num_classes
         self.name = name
@@ -84,6 +86,8 @@ class DatasetView(ImageDataset):
         self.name = name or base.name
         ids = getattr(base, "ids", None)
         self.ids = None if ids is None else [ids[i] for i in self.indices.tolist()]
+        groups = getattr(base, "groups", None)
+        self.groups = None if groups is None else groups[self.indices]
 
     @property  # a plain attribute in ImageDataset; gathered on demand here
     def images(self) -> torch.Tensor:

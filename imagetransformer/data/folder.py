@@ -9,6 +9,8 @@ Layout rules (checked in this order):
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +26,12 @@ _SEED = 0
 _TEST_FRACTION = 10  # 1 in 10 held out when there is no train/test split on disk
 
 
-def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> ImageDataset:
+def load(
+    root: Path, split: str, image_size: int = 32, channels: int = 3, crops: int = 0
+) -> ImageDataset:
     """Decode, square-crop and resize the split's images (train, test or all) into one uint8
-    tensor."""
+    tensor; with `crops`, cut that many random squares at random scales from every image
+    instead (see `random_crops`)."""
     mode = pil_mode(channels)  # validates channels before any decoding work
     has = [name for name in ("train", "test") if (root / name).is_dir()]
     if len(has) == 1:
@@ -61,11 +66,56 @@ def load(root: Path, split: str, image_size: int = 32, channels: int = 3) -> Ima
             keep = _holdout(len(files), split)
             files = [files[i] for i in keep]
             labels = None if labels is None else [labels[i] for i in keep]
-    images = torch.stack([_decode(f, mode, image_size) for f in files])
-    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     num_classes = len(classes) if labels is not None else None
     ids = [f.relative_to(root).as_posix() for f in files]
-    return ImageDataset(images, label_tensor, num_classes, root.resolve().name or str(root), ids)
+    name = root.resolve().name or str(root)
+    if crops:
+        return _cropped(files, ids, labels, num_classes, name, mode, image_size, crops)
+    images = torch.stack([_decode(f, mode, image_size) for f in files])
+    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+    return ImageDataset(images, label_tensor, num_classes, name, ids)
+
+
+def random_crops(image: Image.Image, size: int, count: int, key: str) -> list[np.ndarray]:
+    """`count` squares of `image`, each of a side drawn log-uniformly between `size` (or the
+    short side, if smaller) and the short side, at a uniform place, area-resized to `size`.
+
+    A photo then gives close-ups and views of the whole alike. The draw is seeded by `key`
+    (the file's path in its folder), so an image's crops do not depend on the other files.
+    """
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+    w, h = image.size
+    short = min(w, h)
+    low = min(size, short)
+    out = []
+    for _ in range(count):
+        side = int(round(math.exp(rng.uniform(math.log(low), math.log(short)))))
+        left = int(rng.integers(0, w - side + 1))
+        top = int(rng.integers(0, h - side + 1))
+        out.append(
+            np.asarray(square_resize(image.crop((left, top, left + side, top + side)), size))
+        )
+    return out
+
+
+def _cropped(files, ids, labels, num_classes, name, mode, size, crops) -> ImageDataset:
+    """`crops` random crops of every file; `groups` says which file each one came from, so a
+    validation split can hold out whole images rather than crops of training images."""
+    arrays, crop_ids, groups = [], [], []
+    for index, (path, key) in enumerate(zip(files, ids, strict=True)):
+        arrays += random_crops(_open(path, mode), size, crops, key)
+        crop_ids += [f"{key}#crop{k}" for k in range(crops)]
+        groups += [index] * crops
+    stacked = np.stack(arrays)
+    images = torch.from_numpy(
+        stacked[:, None].copy() if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2).copy()
+    )
+    label_tensor = None
+    if labels is not None:
+        label_tensor = torch.tensor(labels, dtype=torch.int64).repeat_interleave(crops)
+    dataset = ImageDataset(images, label_tensor, num_classes, name, crop_ids)
+    dataset.groups = torch.tensor(groups, dtype=torch.int64)
+    return dataset
 
 
 def holds_out(root: Path) -> bool:
@@ -121,12 +171,16 @@ def _holdout(n: int, split: str) -> list[int]:
     return sorted(int(i) for i in chosen)
 
 
-def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
+def _open(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as image:
-            arr = np.asarray(square_resize(image.convert(mode), size))
+            return image.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path} ({e}): fix or delete that file") from None
+
+
+def _decode(path: Path, mode: str, size: int) -> torch.Tensor:
+    arr = np.asarray(square_resize(_open(path, mode), size))
     return torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
 
 

@@ -4,7 +4,9 @@ Model selection must never look at the test split (it is only reported), so a ru
 its best weights needs images of its own to judge them on. They come out of the training split
 by a seeded draw that does not depend on the run's seed, so runs that differ only in their
 seed are chosen on the same images; for a folder without train/ and test/ sub-folders that is a
-fraction of the images left after the automatic test split.
+fraction of the images left after the automatic test split. Random crops of one photo are
+held out together, whole photos at a time, so that validation judges images the model has seen
+no part of.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ def split_validation(
     k = validation_size(n, fraction)
     if k == 0:
         return train, None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    held, kept = order[:k].sort().values, order[k:].sort().values
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    groups = getattr(train, "groups", None)
+    if groups is None:
+        order = torch.randperm(n, generator=generator)
+        held, kept = order[:k].sort().values, order[k:].sort().values
+    else:  # crops of one photo stay together: whole photos are held out, at least one kept
+        names = groups.unique()
+        chosen, count = [], 0
+        for g in names[torch.randperm(len(names), generator=generator)].tolist()[:-1]:
+            if count >= k:
+                break
+            chosen.append(g)
+            count += int((groups == g).sum())
+        if not chosen:
+            return train, None
+        mask = torch.isin(groups, torch.tensor(chosen))
+        held, kept = mask.nonzero().flatten(), (~mask).nonzero().flatten()
     return DatasetView(train, kept), DatasetView(train, held, name=f"{train.name} (validation)")
