@@ -1,14 +1,16 @@
 """Named configs: the paper's (docs/model.md, "Presets") and small ones that train on a CPU
 in minutes.
 
-A preset is a model config, the training recipe that goes with it, and the data it trains on by
-default (with the conversion that makes that data fit the model, e.g. `tiny` reads mnist5k at
-8x8). A new preset is one entry in `PRESETS`; a test checks each against its default data.
+A preset is one `Preset` record: a model config, the training recipe that goes with it, a
+line that describes it, and the data it trains on by default (with the conversion that makes
+that data fit the model, e.g. `tiny` reads mnist5k at 8x8). A new preset is one entry in
+`PRESETS`; a test checks each against its default data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .config import ImageTransformerConfig, TrainConfig
 from .errors import UserError
@@ -21,6 +23,22 @@ class PresetData:
     name: str = "mnist5k"
     image_size: int | None = None
     channels: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model config (`ImageTransformerConfig` fields), its recipe (`TrainConfig` fields),
+    a one-line description and its default data."""
+
+    model: dict[str, Any]
+    train: dict[str, Any]
+    description: str
+    data: PresetData = field(default_factory=PresetData)
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Made to train on a CPU in minutes (listed first in hints)."""
+        return "CPU" in self.description
 
 
 _CIFAR = (3, 32, 32)
@@ -64,14 +82,14 @@ _PAPER_SR = dict(
     dropout=0.1,
 )
 
-# name: (model config kwargs, train config kwargs, one-line description)
-PRESETS: dict[str, tuple[dict, dict, str]] = {
-    "cifar10_1d": (
+PRESETS: dict[str, Preset] = {
+    "cifar10_1d": Preset(
         dict(_PAPER_1D, num_layers=12, num_heads=4, dropout=0.3, block_length=256),
         dict(_PAPER_TRAIN, batch_size=4, learning_rate=0.5, warmup_steps=4000, max_steps=500_000),
         "paper: CIFAR-10, local 1D, 12 layers (imagetransformer_cifar10_base)",
+        data=PresetData("cifar10"),
     ),
-    "cifar10_2d": (
+    "cifar10_2d": Preset(
         dict(
             _PAPER_1D,
             attention="local_2d",
@@ -83,18 +101,21 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         ),
         dict(_PAPER_TRAIN, batch_size=4, learning_rate=0.1, warmup_steps=4000, max_steps=500_000),
         "CIFAR-10, local 2D, 8 layers, the reference's q3 block sizes",
+        data=PresetData("cifar10"),
     ),
-    "cifar10_cond": (
+    "cifar10_cond": Preset(
         dict(_PAPER_1D, num_layers=8, num_heads=8, dropout=0.3, block_length=256, num_classes=10),
         dict(_PAPER_TRAIN, batch_size=4, learning_rate=0.1, warmup_steps=4000, max_steps=500_000),
         "paper: CIFAR-10 class-conditional, local 1D, 8 layers",
+        data=PresetData("cifar10"),
     ),
-    "imagenet32_1d": (
+    "imagenet32_1d": Preset(
         dict(_PAPER_1D, num_layers=12, num_heads=4, dropout=0.1, block_length=256),
         dict(_PAPER_TRAIN, batch_size=4, learning_rate=0.5, warmup_steps=4000, max_steps=1_000_000),
         "paper: ImageNet 32x32, local 1D, 12 layers (imagetransformer_imagenet32_base)",
+        data=PresetData("imagenet32"),
     ),
-    "imagenet64_1d": (
+    "imagenet64_1d": Preset(
         dict(
             _PAPER_1D,
             image_shape=(3, 64, 64),
@@ -105,14 +126,15 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         ),
         dict(_PAPER_TRAIN, batch_size=1, learning_rate=0.1, warmup_steps=4000, max_steps=1_000_000),
         "paper: ImageNet 64x64, local 1D, 8 layers (imagetransformer1d_base_8l_64by64)",
+        data=PresetData("imagenet64"),
     ),
-    "mnist_1d": (
+    "mnist_1d": Preset(
         _MNIST_1D,
         _MNIST_TRAIN,
         "CPU default: mnist5k, local 1D (2-row blocks + 2-row memory), 4 layers d=64, "
         "~10 min on 2 cores",
     ),
-    "mnist_2d": (
+    "mnist_2d": Preset(
         dict(
             image_shape=(1, 28, 28),
             attention="local_2d",
@@ -136,22 +158,22 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         ),
         "mnist5k, local 2D (4x14 query blocks, 4x7 flanges), 4 layers d=64",
     ),
-    "mnist_1d_cond": (
+    "mnist_1d_cond": Preset(
         dict(_MNIST_1D, num_classes=10),
         dict(_MNIST_TRAIN, max_steps=1000),
         "CPU: mnist5k class-conditional (the default model plus a class embedding), 1000 steps",
     ),
-    "mnist_1d_dmol": (
+    "mnist_1d_dmol": Preset(
         dict(_MNIST_1D, output="dmol", num_mixtures=10),
         dict(_MNIST_TRAIN, max_steps=1500),
         "CPU: mnist5k with the mixture-of-logistics output (one position per pixel)",
     ),
-    "mnist_sr": (
+    "mnist_sr": Preset(
         dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2),
         dict(_MNIST_TRAIN, max_steps=1500),
         "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d)",
     ),
-    "cifar10_1d_dmol": (
+    "cifar10_1d_dmol": Preset(
         dict(
             image_shape=_CIFAR,
             attention="local_1d",
@@ -168,15 +190,17 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         dict(_PAPER_TRAIN, batch_size=8, learning_rate=0.1, warmup_steps=4000, max_steps=500_000),
         "paper: CIFAR-10, mixture of logistics over 1,024 pixels "
         "(imagetransformer_cifar10_base_dmol)",
+        data=PresetData("cifar10"),
     ),
     **{
-        f"{data}_sr_{kind}": (
+        f"{data}_sr_{kind}": Preset(
             dict(_PAPER_SR, **decoder),
             dict(
                 _PAPER_TRAIN, batch_size=2, learning_rate=0.2, warmup_steps=12000, max_steps=500_000
             ),
             f"{'paper' if data == 'celeba' else 'paper recipe'}: {name} super-resolution "
             f"8x8 -> 32x32, encoder global 4 / decoder {label} 8 layers ({reference})",
+            data=PresetData(data),
         )
         for data, name in (("celeba", "CelebA"), ("cifar10", "CIFAR-10"))
         for kind, decoder, label, reference in (
@@ -194,7 +218,7 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
             ),
         )
     },
-    "rgb32": (
+    "rgb32": Preset(
         dict(
             image_shape=_CIFAR,
             attention="local_1d",
@@ -223,8 +247,9 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
         "per pixel, local 1D over 2-row blocks with 4 rows of memory, 4 layers d=64, "
         "~10 min on 2 cores",
+        data=PresetData("cifar10"),
     ),
-    "tiny": (
+    "tiny": Preset(
         dict(
             image_shape=(1, 8, 8),
             attention="local_1d",
@@ -245,21 +270,11 @@ PRESETS: dict[str, tuple[dict, dict, str]] = {
             checkpoint_every=50,
         ),
         "a toy for tests and smoke runs (8x8 grayscale)",
+        data=PresetData("mnist5k", image_size=8),
     ),
 }
 
 DEFAULT_PRESET = "mnist_1d"
-
-# the data set each preset trains on unless --data says otherwise (default: mnist5k as it is)
-_DATA: dict[str, PresetData] = {
-    **{
-        name: PresetData(name.split("_")[0])
-        for name in PRESETS
-        if name.split("_")[0] in ("celeba", "cifar10", "imagenet32", "imagenet64")
-    },
-    "tiny": PresetData("mnist5k", image_size=8),
-    "rgb32": PresetData("cifar10"),
-}
 
 
 def preset_data(name: str) -> str:
@@ -269,21 +284,20 @@ def preset_data(name: str) -> str:
 
 def preset_data_options(name: str) -> PresetData:
     """The default data set of preset `name` and the conversion that makes it fit."""
-    _lookup(name)
-    return _DATA.get(name, PresetData())
+    return _lookup(name).data
 
 
 def presets_for_shape(shape: tuple[int, int, int]) -> list[str]:
     """Presets whose images are `shape` [C, H, W]: the CPU ones first (a size-mismatch hint)."""
-    names = [n for n in preset_names() if tuple(PRESETS[n][0]["image_shape"]) == tuple(shape)]
-    return sorted(names, key=lambda n: ("CPU" not in PRESETS[n][2], n))[:4]
+    names = [n for n in preset_names() if tuple(PRESETS[n].model["image_shape"]) == tuple(shape)]
+    return sorted(names, key=lambda n: (not PRESETS[n].runs_on_cpu, n))[:4]
 
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def _lookup(name: str) -> tuple[dict, dict, str]:
+def _lookup(name: str) -> Preset:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     return PRESETS[name]
@@ -291,16 +305,24 @@ def _lookup(name: str) -> tuple[dict, dict, str]:
 
 def load_preset(name: str) -> ImageTransformerConfig:
     """The model config of preset `name`."""
-    return ImageTransformerConfig(**_lookup(name)[0])
+    return ImageTransformerConfig(**_lookup(name).model)
 
 
 def load_train_preset(name: str) -> TrainConfig:
     """The training recipe of preset `name`."""
-    return TrainConfig(**_lookup(name)[1])
+    return TrainConfig(**_lookup(name).train)
 
 
 def describe_presets() -> list[tuple[str, str]]:
-    return [(name, PRESETS[name][2]) for name in preset_names()]
+    return [(name, PRESETS[name].description) for name in preset_names()]
 
 
-__all__ = ["PRESETS", "DEFAULT_PRESET", "load_preset", "load_train_preset", "preset_data"]
+__all__ = [
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "Preset",
+    "PresetData",
+    "load_preset",
+    "load_train_preset",
+    "preset_data",
+]
