@@ -243,6 +243,42 @@ def micro_batches(
     return out
 
 
+class DivergenceWatch:
+    """Notes, on the device and without waiting for it, the first step whose loss or gradient
+    norm is not finite or whose loss is above DIVERGED_BITS_PER_DIM; `first` reads it."""
+
+    WHAT = (
+        "",
+        "loss is not finite",
+        "gradient norm is not finite",
+        f"loss is above {DIVERGED_BITS_PER_DIM:.0f} bits/dim (a uniform guess costs 8)",
+    )
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.code = torch.zeros((), dtype=torch.int64, device=device)
+
+    def record(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, check_grad: bool
+    ) -> None:
+        finite_grad = (
+            torch.isfinite(grad_norm)
+            if check_grad
+            else torch.ones_like(self.code, dtype=torch.bool)
+        )
+        too_high = loss > DIVERGED_BITS_PER_DIM * math.log(2)
+        code = torch.where(
+            ~torch.isfinite(loss), 1, torch.where(~finite_grad, 2, torch.where(too_high, 3, 0))
+        )
+        new = (self.code == 0) & (code > 0)
+        self.step = torch.where(new, step, self.step)
+        self.code = torch.where(new, code, self.code)
+
+    def first(self) -> tuple[int, str] | None:
+        code = int(self.code)
+        return None if code == 0 else (int(self.step), self.WHAT[code])
+
+
 class Trainer:
     """Trains the model of a `Run`: builds or resumes it, evaluates, checkpoints, samples.
 
@@ -302,8 +338,10 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_written: int | None = None  # the step of the weights in model.safetensors
-        self.train_window = [0.0, 0]  # training loss sum and steps since the last evaluation
+        # training loss sum (on the device) and steps since the last evaluation
+        self.train_window: list = [torch.zeros((), device=self.device), 0]
         self.overfit_warned = False
+        self.watch = DivergenceWatch(self.device)
 
     @property
     def eval_model(self) -> ImageTransformer:
@@ -339,7 +377,7 @@ class Trainer:
         self.best = state.get("best")
         self.best_state = state.get("best_model")
         window = state.get("train_window", [0.0, 0])
-        self.train_window = [float(window[0]), int(window[1])]
+        self.train_window = [torch.tensor(float(window[0]), device=self.device), int(window[1])]
         self.overfit_warned = bool(state.get("overfit_warned", False))
         self._restore_rng(state)
 
@@ -363,6 +401,7 @@ class Trainer:
     def save(self) -> None:
         """Write checkpoint and weights from rank 0; every rank must call it (RNG gather).
         Weights that are not finite are never written: the last good checkpoint stays."""
+        self.check_divergence()
         for name, tensor in self.model.state_dict().items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise UserError(
@@ -399,7 +438,7 @@ class Trainer:
         if self.best is not None:
             state["best"] = self.best
             state["best_model"] = self.best_state
-        state["train_window"] = list(self.train_window)
+        state["train_window"] = [float(self.train_window[0]), self.train_window[1]]
         state["overfit_warned"] = self.overfit_warned
         save_checkpoint(self.run.checkpoint_path, state, previous_step=self.saved_step)
         self.saved_step = self.step
@@ -430,7 +469,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         micro = self._micro_batches()
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=self.device)
         for m, (idx, flips) in enumerate(micro):
             images, labels = self.train_set.batch(idx)
             if flips is not None:
@@ -449,32 +488,31 @@ class Trainer:
                 with autocast(self.device, cfg.precision):
                     loss = self.forward(images, labels)
                 self.scaler.scale(loss / len(micro)).backward()
-            total_loss += loss.item() / len(micro)
+            total_loss += loss.detach().float() / len(micro)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
-        # fp16's scaler skips steps whose gradients overflowed, as it is meant to; otherwise a
-        # non-finite loss or gradient would write NaN into the weights: stop before it does
-        for what, value in (("loss", total_loss), ("gradient norm", float(grad_norm))):
-            if not math.isfinite(value) and (what == "loss" or not self.scaler.is_enabled()):
-                raise UserError(
-                    diverged_message(self.step, f"{what} is not finite", lr, self.saved_step)
-                )
-        if total_loss / math.log(2) > DIVERGED_BITS_PER_DIM:
-            what = f"loss is {total_loss / math.log(2):.0f} bits/dim (a uniform guess costs 8)"
-            raise UserError(diverged_message(self.step, what, lr, self.saved_step))
+        # fp16's scaler skips steps whose gradients overflowed, as it is meant to
+        self.watch.record(self.step, total_loss, grad_norm, not self.scaler.is_enabled())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        self.train_window[0] += total_loss
+        self.train_window[0] = self.train_window[0] + total_loss
         self.train_window[1] += 1
-        metrics = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm)}
-        if cfg.label_smoothing == 0:  # the loss is then the training images' exact nats/dim
-            metrics["bits_per_dim"] = total_loss / math.log(2)
-        return metrics
+        # tensors: read at log steps only, so that a GPU never waits for the host in a step
+        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm.detach()}
+
+    def check_divergence(self) -> None:
+        """Stop, in one line, when a step since the last check had a loss or gradient that is
+        not finite, or a loss far above a uniform guess's (one host read)."""
+        found = self.watch.first()
+        if found is not None:
+            step, what = found
+            lr = learning_rate(step, self.cfg, self.config.d_model)
+            raise UserError(diverged_message(step, what, lr, self.saved_step))
 
     def evaluate(
         self,
@@ -503,8 +541,8 @@ class Trainer:
         loss_sum, steps = self.train_window
         entry = {"step": self.step, "split": "validation", **result}
         if steps:
-            entry["train_bits_per_dim"] = loss_sum / steps / math.log(2)
-        self.train_window = [0.0, 0]
+            entry["train_bits_per_dim"] = float(loss_sum) / steps / math.log(2)
+        self.train_window = [torch.zeros((), device=self.device), 0]
         self.history.append(entry)
         if logger is not None:
             logger.log(self.step, "validation", _scalars(result))
@@ -614,6 +652,10 @@ class Trainer:
             images_seen += cfg.batch_size * cfg.grad_accum * self.context.world_size
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.check_divergence()
+                metrics = {key: float(value) for key, value in metrics.items()}
+                if cfg.label_smoothing == 0:  # the training images' exact bits/dim
+                    metrics["bits_per_dim"] = metrics["loss"] / math.log(2)
                 elapsed = time.perf_counter() - window_start
                 metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
                 images_seen, window_start = 0, time.perf_counter()
@@ -623,12 +665,14 @@ class Trainer:
                 postfix["img/s"] = f"{metrics['images_per_s']:.1f}"
                 bar.set_postfix(postfix)
                 logger.log(self.step, "train", metrics)
+            paused = time.perf_counter()  # images/s counts training steps only
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self._periodic_evaluation(logger)
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.context.is_main:
                 self.sample_grid()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save()
+            window_start += time.perf_counter() - paused
             received = stop.agreed(self.context, self.device)
             if received is not None:
                 if self.saved_step != self.step:

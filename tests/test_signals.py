@@ -164,3 +164,28 @@ def test_sigterm_under_torchrun_stops_every_process_after_the_same_step(tmp_path
     )
     assert code == 0, err
     assert _checkpoint(run)["step"] == checkpoint["step"] + 2
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """No host read (.item(), float(), int(), bool() of a tensor) inside the step: on a GPU each
+    would stall the queue every step; figures are read at log steps only."""
+    import ast
+    import inspect
+    import textwrap
+
+    from imagetransformer.training import DivergenceWatch, Trainer
+
+    for function in (Trainer._train_step, DivergenceWatch.record):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            method = isinstance(node.func, ast.Attribute) and node.func.attr in ("item", "tolist")
+            builtin = (
+                isinstance(node.func, ast.Name)
+                and node.func.id in ("float", "int", "bool")
+                and not all(isinstance(arg, ast.Constant) for arg in node.args)  # float("inf")
+            )
+            assert not (method or builtin), (
+                f"{function.__qualname__} reads a value from the device: {ast.unparse(node)}"
+            )
