@@ -169,9 +169,10 @@ PRESETS: dict[str, Preset] = {
         "CPU: mnist5k with the mixture-of-logistics output (one position per pixel)",
     ),
     "mnist_sr": Preset(
-        dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2),
+        dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2, low_res_signal=True),
         dict(_MNIST_TRAIN, max_steps=1500),
-        "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d)",
+        "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d, "
+        "the covering low-resolution pixel in the decoder input)",
     ),
     "cifar10_1d_dmol": Preset(
         dict(
