@@ -1,9 +1,15 @@
-"""Lossless compression with the model: bit-exact round trips, and clear refusals of files made
-with another model, truncated, corrupted or of another version."""
+"""Lossless compression with the integer model: bit-exact round trips, files that decode the
+same under other CPU kernels, thread counts and batch sizes, sizes near the model's bits and
+never above storing the image, and one-line refusals of damaged files."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +20,22 @@ from PIL import Image
 from imagetransformer import ImageTransformer, UserError
 from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
-from imagetransformer.tools.codec import compress, decompress
+from imagetransformer.tools.codec import (
+    compress,
+    decompress,
+    png_bytes,
+    quantized,
+    read_header,
+)
+from imagetransformer.tools.integer_model import quantize
 
 from .helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HEADER_BYTES = 30  # magic, version, fingerprint, five small varints and the CRC, rounded up
+STREAM_BYTES = 13  # a stream's length varint, its coder's last words and padding
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +46,11 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return load_dataset("mnist5k", "test", image_size=8).images[:64]
+
+
 @pytest.mark.parametrize("output", ["cat", "dmol"])
 def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output):
     model = ImageTransformer(tiny_config("local_2d", output=output)).eval()
@@ -34,63 +58,193 @@ def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output):
     images = torch.randint(0, 256, (5, 3, 4, 6), generator=g, dtype=torch.uint8)
     images[0] = 0
     images[1] = 255
-    packed = compress(model, images, batch_size=2)
-    assert torch.equal(decompress(model, packed.data), images)
+    integer = quantize(model, images)
+    packed = compress(integer, images, batch_size=2, fallback=False)
+    assert packed.stored == 0
+    assert torch.equal(decompress(integer, packed.data), images)
+    assert torch.equal(decompress(integer, packed.data, batch_size=64), images)
 
 
-def test_digits_compress_near_their_bits_per_dim(run):
+def test_digits_compress_near_their_bits_per_dim(run, digits):
+    """The file's bits/dim is within 2% of the float model's exact bits/dim plus the fixed
+    costs (header, one coder stream per batch); the integer model's own bits within 0.1%."""
     model = ImageTransformer.from_pretrained(run)
-    digits = load_dataset("mnist5k", "test", image_size=8).images[:64]
-    packed = compress(model, digits, batch_size=32)
-    assert torch.equal(decompress(model, packed.data), digits)
+    integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+    packed = compress(integer, digits, batch_size=32)
+    assert packed.stored == 0
+    assert torch.equal(decompress(integer, packed.data), digits)
     exact = float(model.bits_per_dim(digits).mean())
-    # on top of the model's bits: the header (52 bytes), a length and a CRC per image (8 bytes)
-    # and whole 32-bit words (at most 4 bytes, plus the range coder's 32 bits of state)
-    overhead = (52 + 64 * (8 + 4 + 4)) * 8 / digits.numel()
-    assert exact < packed.bits_per_dim < exact + overhead
+    assert abs(packed.model_bits / digits.numel() - exact) < 1e-3 * exact
+    overhead = (HEADER_BYTES + 2 * STREAM_BYTES) * 8 / digits.numel()
+    assert exact < packed.bits_per_dim < 1.02 * exact + overhead
 
 
-def test_refusals_name_the_problem(run):
-    model = ImageTransformer.from_pretrained(run)
-    digits = load_dataset("mnist5k", "test", image_size=8).images[:4]
-    data = compress(model, digits).data
-    other = ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8))).eval()
+DECODE_ELSEWHERE = """
+import sys, torch
+from imagetransformer.cli import main
+from imagetransformer.tools.codec import quantized
+from tests.test_codec import frequency_digest
+run, images, itc, out, batch = sys.argv[1:]
+integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+digest = frequency_digest(integer, torch.load(images), int(batch))
+print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), digest)
+sys.exit(main(["decompress", run, itc, "-o", out, "--batch-size", batch]))
+"""
+
+
+def frequency_digest(integer, images: torch.Tensor, batch: int) -> str:
+    """SHA-256 of every frequency table of every image, computed `batch` images at a time."""
+    tables = [[] for _ in images]
+    for start in range(0, len(images), batch):
+        for _, _, freqs in integer.frequencies_of(images[start : start + batch]):
+            for i, row in enumerate(freqs):
+                tables[start + i].append(row)
+    data = b"".join(torch.stack(t).numpy().tobytes() for t in tables)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _settings() -> list[tuple[str, str, int]]:
+    """(ATEN_CPU_CAPABILITY, threads, decoding batch size): each kernel set this CPU has."""
+    settings = [("default", "1", 1), ("avx2", "2", 7)]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "avx512f" in cpuinfo.read_text():
+        settings.append(("avx512", "1", 64))
+    return settings
+
+
+def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(run, digits, tmp_path):
+    """Written here (default kernels, one thread, groups of 4), decoded in fresh processes with
+    other CPU kernels (ATEN_CPU_CAPABILITY), thread counts and batch sizes: the same images, and
+    the integer model's frequency tables of every step identical (torch.equal, by SHA-256)."""
+    images = digits[:12]
+    integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+    itc = tmp_path / "digits.itc"
+    itc.write_bytes(compress(integer, images, batch_size=4).data)
+    torch.save(images, tmp_path / "images.pt")
+    reference = frequency_digest(integer, images, 4)
+    for capability, threads, batch in _settings():
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=threads)
+        out = tmp_path / f"out_{capability}"
+        command = [sys.executable, "-c", DECODE_ELSEWHERE, str(run), str(tmp_path / "images.pt")]
+        command += [str(itc), str(out), str(batch)]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr
+        kernels, used_threads, digest = done.stdout.split()[:3]
+        assert kernels == capability.upper() and used_threads == threads
+        assert digest == reference
+        decoded = [np.asarray(Image.open(out / f"image_{i:05d}.png")) for i in range(12)]
+        assert all(np.array_equal(d, x[0]) for d, x in zip(decoded, images.numpy(), strict=True))
+
+
+def test_never_worse_than_storing_the_image(run, digits):
+    """Noise costs the digits model more than its raw bytes: such images are stored raw (or as
+    PNG), the digits beside them are still coded, and the file costs no more than the cheaper
+    stored form of every image plus a few bytes."""
+    integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (6, 1, 8, 8), generator=g, dtype=torch.uint8)
+    images = torch.cat([digits[:3], noise[:3], digits[3:4], noise[3:]])
+    packed = compress(integer, images, batch_size=4)
+    assert packed.stored == 6
+    assert torch.equal(decompress(integer, packed.data), images)
+    only_noise = compress(integer, noise, batch_size=4)
+    cheapest = sum(min(x.numel(), len(png_bytes(x.numpy()))) for x in noise)
+    assert len(only_noise.data) <= cheapest + HEADER_BYTES + 2 * len(noise)
+    assert torch.equal(decompress(integer, only_noise.data), noise)
+
+
+def test_smooth_images_an_untrained_model_codes_badly_are_stored_as_png():
+    model = ImageTransformer(tiny_config("local_1d", image_shape=(3, 8, 8))).eval()
+    ramp = torch.arange(8, dtype=torch.uint8) * 16
+    images = torch.stack([ramp.expand(3, 8, 8), ramp.view(8, 1).expand(3, 8, 8)])
+    integer = quantize(model, images)
+    packed = compress(integer, images)
+    assert read_header(packed.data).stored == {
+        i: ("png", len(png_bytes(x.numpy()))) for i, x in enumerate(images)
+    }
+    assert torch.equal(decompress(integer, packed.data), images)
+
+
+def test_refusals_name_the_problem(run, digits):
+    integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+    data = compress(integer, digits[:4]).data
+    other = quantize(ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8))), digits)
+    version_1 = b"ITC\x00" + struct.pack("<H", 1) + bytes(32) + struct.pack("<HHHII", 1, 8, 8, 1, 1)
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0xFF  # inside the coder stream: it decodes to something else
     cases = {
         "another model": (other, data),
-        "truncated": (model, data[:-3]),
-        "magic": (model, b"XXXX" + data[4:]),
-        "version": (model, data[:4] + struct.pack("<H", 99) + data[6:]),
+        "truncated": (integer, data[:-3]),
+        "magic": (integer, b"XXXX" + data[4:]),
+        "version 99": (integer, data[:4] + struct.pack("<H", 99) + data[6:]),
+        "format version 1 \\(imagetransformer before 2026-12": (integer, version_1),
+        "bytes too many": (integer, data + b"\x00"),
+        "CRC mismatch": (integer, bytes(corrupted)),
     }
-    for needle, (m, blob) in cases.items():
-        with pytest.raises(UserError, match=needle):
-            decompress(m, blob)
-    corrupted = bytearray(data)
-    corrupted[-5] ^= 0xFF  # inside the last image's payload: it decodes to something else
-    with pytest.raises(UserError, match="corrupted"):
-        decompress(model, bytes(corrupted))
+    for needle, (model, blob) in cases.items():
+        with pytest.raises(UserError, match=needle) as caught:
+            decompress(model, blob, source="some.itc")
+        assert "some.itc" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_compress_and_decompress_commands(run, tmp_path, capsys):
+def test_compress_and_decompress_commands(run, digits, tmp_path, capsys):
     folder = tmp_path / "digits"
     folder.mkdir()
-    digits = load_dataset("mnist5k", "test", image_size=8).images[:6]
-    for i, image in enumerate(digits.numpy()):
+    for i, image in enumerate(digits[:6].numpy()):
         Image.fromarray(image[0]).save(folder / f"{i}.png")
     packed = tmp_path / "digits.itc"
     assert main(["compress", str(run), str(folder), "-o", str(packed)]) == 0
     out = tmp_path / "decoded"
     assert main(["decompress", str(run), str(packed), "-o", str(out)]) == 0
     decoded = [np.asarray(Image.open(out / f"image_{i:05d}.png")) for i in range(6)]
-    assert all(np.array_equal(d, img[0]) for d, img in zip(decoded, digits.numpy(), strict=True))
-    # a damaged file: one clear line, nothing written
-    packed.write_bytes(packed.read_bytes()[:-4])
-    capsys.readouterr()
-    assert main(["decompress", str(run), str(packed), "-o", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "truncated" in err[0] and not (tmp_path / "none").exists()
+    assert all(np.array_equal(d, x[0]) for d, x in zip(decoded, digits[:6].numpy(), strict=True))
+    # damaged files: one clear line each, nothing written
+    good = packed.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    version_1 = good[:4] + struct.pack("<H", 1) + good[6:]
+    for blob, needle in [(good[:-4], "truncated"), (flipped, "corrupted"), (version_1, "1")]:
+        packed.write_bytes(bytes(blob))
+        capsys.readouterr()
+        assert main(["decompress", str(run), str(packed), "-o", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and str(packed) in err[0], err
+        assert not (tmp_path / "none").exists()
     # images of the model's shape: nothing converted, nothing said about it
     assert main(["compress", str(run), str(folder), "-o", str(packed)]) == 0
     assert "converted" not in capsys.readouterr().out
+
+
+def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_path, capsys):
+    """compress caches the integer model in the run folder (made once per weights); a copy of
+    the run without that file makes the same one again; a file keeps decoding with the model
+    it names after the run's weights change; without that model it is refused in one line."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("codec-*", "checkpoint*"))
+    capsys.readouterr()
+    assert main(["quantize", str(copy)]) == 0
+    assert "made the integer model" in capsys.readouterr().out
+    cached = sorted(copy.glob("codec-*.safetensors"))
+    assert [p.name for p in cached] == [p.name for p in run.glob("codec-*.safetensors")]
+    assert main(["quantize", str(copy)]) == 0
+    assert "made the integer model" not in capsys.readouterr().out
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    Image.fromarray(digits[0, 0].numpy()).save(folder / "0.png")
+    packed = tmp_path / "one.itc"
+    assert main(["compress", str(copy), str(folder), "-o", str(packed)]) == 0
+    model = ImageTransformer.from_pretrained(copy)
+    with torch.no_grad():
+        model.head.bias += 0.5  # the run trains on
+    model.save_pretrained(copy)
+    assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "a")]) == 0
+    cached[0].unlink()
+    capsys.readouterr()
+    assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and cached[0].name in err[0] and "copy that file" in err[0]
 
 
 def test_compress_reads_images_at_the_models_shape_and_says_so(run, tmp_path, capsys):

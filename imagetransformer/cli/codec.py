@@ -1,9 +1,9 @@
-"""`imagetransformer compress` / `decompress`: lossless image files coded with the model."""
+"""`imagetransformer compress` / `decompress` / `quantize`: lossless image files coded with the
+model's integer twin, which decode on any machine."""
 
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,14 @@ from ..data.folder import EXTENSIONS
 from ..data.resize import check_options, pil_mode, square_resize
 from ..errors import UserError
 from ..files import atomic_write_bytes
-from ..tools.codec import compress, decompress
+from ..tools.codec import (
+    compress,
+    decompress,
+    png_bytes,
+    quantized,
+    quantized_for_file,
+    read_header,
+)
 from . import common
 
 
@@ -23,7 +30,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("-o", "--output", required=True, help="the .itc file to write")
-    p.add_argument("--batch-size", type=int, default=16, help="images coded side by side")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images coded side by side, sharing one coder stream (larger: a little smaller file)",
+    )
     p.add_argument(
         "--image-size", type=int, help="resize images to this side first (default: the model's)"
     )
@@ -39,24 +51,40 @@ def add_parser(subparsers) -> None:
     d.add_argument("run_dir")
     d.add_argument("file", help="the .itc file")
     d.add_argument("-o", "--output", required=True, help="folder for the decoded PNG images")
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="about how many images to decode side by side (any value gives the same images)",
+    )
     common.add_device(d)
     d.set_defaults(func=run_decompress)
+    q = subparsers.add_parser(
+        "quantize",
+        help="make the integer model compress and decompress code with (compress makes it "
+        "on first use)",
+    )
+    q.add_argument("run_dir")
+    q.set_defaults(func=run_quantize)
 
 
 def run_compress(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     check_options(args.image_size, args.channels)
-    model = common.open_model(args.run_dir, common.device(args.device))
+    device = common.device(args.device)
+    model = common.open_model(args.run_dir, torch.device("cpu"))
     paths = _image_paths(args.images)
     images, converted = _read(
         paths, args.image_size, args.channels, tuple(model.config.image_shape)
     )
-    result = compress(model, images, batch_size=args.batch_size)
+    integer = quantized(args.run_dir, device, load=lambda: model)
+    result = compress(integer, images, batch_size=args.batch_size, progress=True)
     atomic_write_bytes(args.output, result.data)
+    stored = f"; {result.stored} stored as PNG or raw (cheaper so)" if result.stored else ""
     print(
         f"wrote {args.output}: {result.images} images, {len(result.data)} bytes, "
-        f"{result.bits_per_dim:.4f} bits/dim (headers included)"
+        f"{result.bits_per_dim:.4f} bits/dim (headers included){stored}"
     )
     if converted:
         shape = "x".join(map(str, model.config.image_shape))
@@ -68,19 +96,27 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_decompress(args: argparse.Namespace) -> int:
-    model = common.open_model(args.run_dir, common.device(args.device))
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     try:
         data = Path(args.file).read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {args.file} ({err.strerror or err})") from None
-    images = decompress(model, data, source=args.file)  # checked before anything is written
+    header = read_header(data, args.file)
+    device = common.device(args.device)
+    integer = quantized_for_file(args.run_dir, header, args.file, device)
+    # checked before anything is written
+    images = decompress(integer, data, args.file, batch_size=args.batch_size, progress=True)
     out = Path(args.output)
     for i, image in enumerate(images.numpy()):
-        array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-        atomic_write_bytes(out / f"image_{i:05d}.png", buffer.getvalue())
+        atomic_write_bytes(out / f"image_{i:05d}.png", png_bytes(image, smallest=False))
     print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    integer = quantized(args.run_dir, torch.device("cpu"))
+    print(f"{args.run_dir}: integer model {integer.fingerprint.hex()[:16]} is ready")
     return 0
 
 
