@@ -5,6 +5,7 @@ never above storing the image, and one-line refusals of damaged files."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import struct
@@ -21,6 +22,7 @@ from imagetransformer import ImageTransformer, UserError
 from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
 from imagetransformer.tools.codec import (
+    best_labels,
     compress,
     decompress,
     png_bytes,
@@ -63,6 +65,55 @@ def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output):
     assert packed.stored == 0
     assert torch.equal(decompress(integer, packed.data), images)
     assert torch.equal(decompress(integer, packed.data, batch_size=64), images)
+
+
+SIDE_CASES = {
+    "class-conditional": dict(num_classes=3),
+    "super-resolution": dict(
+        task="superres", scale=2, image_shape=(3, 4, 6), encoder_layers=1, low_res_signal=True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SIDE_CASES)
+def test_labels_and_low_resolution_inputs_are_stored_and_counted(case):
+    """A class-conditional model's file holds each image's label (log2 K bits), a
+    super-resolution model's the low-resolution image (8 bits a value); both round trip."""
+    model = ImageTransformer(tiny_config("local_1d", output="dmol", **SIDE_CASES[case])).eval()
+    images = (torch.randint(0, 4, (5, 3, 4, 6)) * 85).to(torch.uint8)
+    labels = torch.tensor([2, 0, 1, 1, 0]) if model.config.num_classes else None
+    integer = quantize(model, images, labels)
+    packed = compress(integer, images, batch_size=2, fallback=False, labels=labels)
+    assert torch.equal(decompress(integer, packed.data, batch_size=4), images)
+    side = math.log2(3) if labels is not None else 8 * math.prod(model.config.low_res_shape)
+    expected = float(integer.bits(images, labels).sum()) + len(images) * side
+    assert packed.model_bits == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_class_conditional_model_folder_codes_with_the_likeliest_labels(tmp_path, capsys):
+    """compress with a bare class-conditional model folder (no run.json: calibrated on seeded
+    samples) stores for each image the label the float model finds likeliest."""
+    model = ImageTransformer(tiny_config("local_1d", image_shape=(1, 4, 6), num_classes=3))
+    torch.nn.init.normal_(model.class_embed.weight, std=0.3)
+    with torch.no_grad():
+        model.head.bias[0] += 8  # mostly black: such images cost it less than their raw bytes
+    model.save_pretrained(tmp_path / "model")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    images = torch.zeros(3, 1, 4, 6, dtype=torch.uint8)
+    images[:, 0, 1, 2:4] = torch.tensor([[85, 170], [255, 85], [170, 170]], dtype=torch.uint8)
+    for i, image in enumerate(images.numpy()):
+        Image.fromarray(image[0]).save(folder / f"{i}.png")
+    packed = tmp_path / "pictures.itc"
+    assert main(["compress", str(tmp_path / "model"), str(folder), "-o", str(packed)]) == 0
+    out = tmp_path / "decoded"
+    assert main(["decompress", str(tmp_path / "model"), str(packed), "-o", str(out)]) == 0
+    for i, image in enumerate(images.numpy()):
+        assert np.array_equal(np.asarray(Image.open(out / f"image_{i:05d}.png")), image[0])
+    integer = quantized(tmp_path / "model", torch.device("cpu"), note=lambda _: None)
+    _, labels = decompress(integer, packed.read_bytes(), with_labels=True)
+    assert torch.equal(labels, model.eval().classify(images).argmax(1))
+    assert torch.equal(best_labels(model, images), labels)
 
 
 def test_digits_compress_near_their_bits_per_dim(run, digits):

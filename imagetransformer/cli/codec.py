@@ -15,6 +15,7 @@ from ..data.resize import check_options, pil_mode, square_resize
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..tools.codec import (
+    best_labels,
     compress,
     decompress,
     png_bytes,
@@ -79,7 +80,8 @@ def run_compress(args: argparse.Namespace) -> int:
         paths, args.image_size, args.channels, tuple(model.config.image_shape)
     )
     integer = quantized(args.run_dir, device, load=lambda: model)
-    result = compress(integer, images, batch_size=args.batch_size, progress=True)
+    labels = best_labels(model, images) if model.config.num_classes else None
+    result = compress(integer, images, batch_size=args.batch_size, progress=True, labels=labels)
     atomic_write_bytes(args.output, result.data)
     stored = f"; {result.stored} stored as PNG or raw (cheaper so)" if result.stored else ""
     print(

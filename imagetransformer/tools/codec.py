@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +28,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..layout import area_downsample
 from ..model import ImageTransformer
 from ..runs_io import open_model, open_run
-from .integer_model import FREQ_BITS, IntegerModel, quantize
+from .integer_model import CALIBRATION_IMAGES, FREQ_BITS, IntegerModel, quantize
 
 MAGIC = b"ITC\x00"
 VERSION = 2
 FINGERPRINT_BYTES = 8
 RAW, PNG = "raw", "png"
+MAX_DECODED_BYTES = 2**36  # a header that claims more images is corrupted
 PNG_MIN_BYTES = 57  # signature, IHDR, an IDAT and IEND: no PNG file is smaller
 VERSION_1 = (
     "written by format version 1 (imagetransformer before 2026-12, up to commit 1af6293): "
@@ -170,51 +174,85 @@ def read_header(data: bytes, source: str = "the file") -> Header:
 
 
 # Coding ----------------------------------------------------------------------------------------
+class _Coders:
+    """The coders of several groups coded side by side (`sizes` images each, in order): each
+    call codes one array of symbols per group, encoding or decoding."""
+
+    def __init__(self, coders: list, sizes: list[int], encode: bool) -> None:
+        self.constriction = _constriction()
+        self.coders, self.encode = coders, encode
+        self.rows = [slice(a, b) for a, b in itertools.pairwise(np.cumsum([0, *sizes]))]
+        self.n = sum(sizes)
+
+    def code(self, symbols, freqs=None, k: int = 256, shape: tuple[int, ...] = ()):
+        """Code the symbols [n, *shape] of the n images: one each under its integer frequencies
+        `freqs` [n, 256], or (None) under the uniform distribution over 0..k-1. Encoding codes
+        `symbols`; decoding (`symbols` None) returns them. Returns the symbols (int64, on the
+        CPU) and their exact bits [n]."""
+        if freqs is None:
+            model, tables = self.constriction.stream.model.Uniform(k), None
+        else:
+            model = self.constriction.stream.model.Categorical(perfect=False)
+            freqs = freqs.cpu()
+            tables = freqs.numpy().astype(np.float64)  # integers < 2^24: exact
+        array = np.empty((self.n, *shape), dtype=np.int64)
+        if symbols is not None:
+            array = symbols.cpu().numpy().astype(np.int64).reshape(array.shape)
+        for rows, coder in zip(self.rows, self.coders, strict=True):
+            if self.encode:
+                extra = () if tables is None else (tables[rows],)
+                coder.encode(array[rows].reshape(-1).astype(np.int32), model, *extra)
+            else:
+                given = array[rows].size if tables is None else tables[rows]
+                array[rows] = coder.decode(model, given).reshape(array[rows].shape)
+        symbols = torch.from_numpy(array)
+        if tables is None:
+            return symbols, torch.full((self.n,), math.prod(shape) * math.log2(k))
+        picked = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
+        return symbols, FREQ_BITS - torch.log2((picked + 1).double())
+
+
 def _code_groups(
     model: IntegerModel,
-    coders: list,
-    sizes: list[int],
-    images: torch.Tensor | None,
-    encode: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the integer decoding step over the images of several groups side by side (`sizes`
-    images each, one coder each), coding every symbol. Encoding reads the symbols from `images`;
-    decoding writes them. Returns the values [n, N, *value] and the exact bits of each image."""
-    constriction = _constriction()
-    family = constriction.stream.model.Categorical(perfect=False)
-    n = sum(sizes)
-    bounds = np.cumsum([0, *sizes])
-    steps = model.config.num_positions
-    device = model.device
-    if encode:
+    coders: _Coders,
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run the integer decoding step over the images of several groups side by side, coding
+    every symbol: first each image's label (class-conditional models, uniform over the classes)
+    and low-resolution input (super-resolution models, uniform: its raw bytes), then every
+    step's values. Encoding reads the symbols from `images` and `labels`; decoding writes them.
+    Returns the values in generation order [n, N, *value], the labels and each image's bits."""
+    n, device, config = coders.n, model.device, model.config
+    bits = torch.zeros(n, dtype=torch.float64)
+    if config.num_classes:
+        labels, label_bits = coders.code(labels, k=config.num_classes)
+        bits += label_bits
+    low_res = None
+    if model.encoder is not None:
+        shape = config.low_res_shape
+        low_res = None if images is None else area_downsample(images, config.scale)
+        low_res, low_res_bits = coders.code(low_res, shape=shape)
+        bits += low_res_bits
+        low_res = low_res.to(torch.uint8)
+    steps = config.num_positions
+    if images is not None:
         values = model.to_steps(images)
     else:
-        shape = (n, steps, *model.distribution.value_shape)
-        values = torch.zeros(shape, dtype=torch.long, device=device)
-    bits = torch.zeros(n, dtype=torch.float64)
-    state = model.start(n)
+        values = torch.zeros(n, steps, *model.distribution.value_shape, dtype=torch.long)
+        values = values.to(device)
+    state = model.start(n, labels, low_res)
     for step in range(steps):
         head = model.step(state, step, values[:, step - 1] if step else None)
         coding = model.coding(head)
         value = values[:, step].view(n, -1)
         for channel in range(coding.channels):
-            freqs = coding.frequencies(channel).cpu()
-            table = freqs.numpy().astype(np.float64)  # integers < 2^24: exact
-            if encode:
-                symbols = value[:, channel].cpu().numpy().astype(np.int32)
-                for g, coder in enumerate(coders):
-                    rows = slice(bounds[g], bounds[g + 1])
-                    coder.encode(symbols[rows], family, table[rows])
-            else:
-                decoded = np.empty(n, dtype=np.int64)
-                for g, coder in enumerate(coders):
-                    rows = slice(bounds[g], bounds[g + 1])
-                    decoded[rows] = coder.decode(family, table[rows])
-                value[:, channel] = torch.from_numpy(decoded).to(device)
-            picked = freqs.gather(-1, value[:, channel, None].cpu())[:, 0]
-            bits += FREQ_BITS - torch.log2((picked + 1).double())
+            known = value[:, channel] if coders.encode else None
+            symbols, symbol_bits = coders.code(known, coding.frequencies(channel))
+            value[:, channel] = symbols.to(device)
+            bits += symbol_bits
             coding.observe(channel, value[:, channel])
-    return values, bits
+    return values, labels, bits
 
 
 def png_bytes(image: np.ndarray, smallest: bool = True) -> bytes:
@@ -250,6 +288,30 @@ class Compressed:
     model_bits: float = 0.0  # exact bits of the coded images under the integer model
 
 
+def _check_labels(model: IntegerModel, labels, count: int) -> torch.Tensor | None:
+    k = model.config.num_classes
+    if not k:
+        if labels is not None:
+            raise UserError("labels were given but the model is unconditional")
+        return None
+    if k > 256:
+        raise UserError(f"compress codes models of at most 256 classes, not {k}")
+    labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
+    if labels is None or len(labels) != count or labels.min() < 0 or labels.max() >= k:
+        raise UserError(f"a class-conditional model needs {count} labels in 0..{k - 1}")
+    return labels
+
+
+def best_labels(model: ImageTransformer, images: torch.Tensor, batch_size: int = 64):
+    """The likeliest class of each image under a class-conditional float model (the label the
+    file then stores): the one it codes the image with in the fewest bits."""
+    chunks = [
+        model.classify(images[start : start + batch_size].to(model.head.weight.device)).argmax(1)
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks).cpu()
+
+
 def _check_shape(model: IntegerModel, images: torch.Tensor) -> None:
     expected = tuple(model.config.image_shape)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.dtype != torch.uint8:
@@ -265,13 +327,18 @@ def compress(
     batch_size: int = 16,
     progress: bool = False,
     fallback: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> Compressed:
     """uint8 images [N, C, H, W] (the model's shape) -> the bytes of an .itc file.
 
     Images are coded in groups of `batch_size`, one coder stream per group. An image whose exact
     cost under the model exceeds the cheaper of its raw bytes and a PNG of it is stored that way
-    instead (its group is coded again without it), unless `fallback` is off."""
+    instead (its group is coded again without it), unless `fallback` is off. A class-conditional
+    model codes each image with its label from `labels` [N] (stored in the file; see
+    `best_labels`), a super-resolution model with the image's own area-downsampled copy (stored
+    raw in the file)."""
     _check_shape(model, images)
+    labels = _check_labels(model, labels, len(images))
     queue = _constriction().stream.queue
     c, h, w = model.config.image_shape
     header = Header(model.fingerprint[:FINGERPRINT_BYTES], (c, h, w), len(images), batch_size)
@@ -283,7 +350,9 @@ def compress(
             members = list(range(start, min(start + batch_size, len(images))))
             while members:
                 coder = queue.RangeEncoder()
-                _, bits = _code_groups(model, [coder], [len(members)], images[members], True)
+                coders = _Coders([coder], [len(members)], encode=True)
+                chosen = None if labels is None else labels[members]
+                _, _, bits = _code_groups(model, coders, images[members], chosen)
                 worse = []
                 for i, cost in zip(members, bits.tolist(), strict=True):
                     if not fallback or cost / 8 <= min(arrays[i].size, PNG_MIN_BYTES):
@@ -317,11 +386,14 @@ def decompress(
     source: str = "the file",
     batch_size: int = 16,
     progress: bool = False,
-) -> torch.Tensor:
-    """The bytes of an .itc file -> uint8 images [N, C, H, W], checked against the file's CRC.
-    `batch_size`: about how many images to decode side by side (whole coder streams; any value
-    gives the same images). Refuses, in one line that names `source` and the likely cause, a file
-    of another format or version, of another model, truncated or corrupted."""
+    with_labels: bool = False,
+):
+    """The bytes of an .itc file -> uint8 images [N, C, H, W], checked against the file's CRC
+    (`with_labels`: and the labels a class-conditional model coded them with, [N], -1 for an
+    image stored otherwise). `batch_size`: about how many images to decode side by side (whole
+    coder streams; any value gives the same images). Refuses, in one line that names `source`
+    and the likely cause, a file of another format or version, of another model, truncated or
+    corrupted."""
     reader = Reader(data, source)
     header = Header.read(reader)
     if header.fingerprint != model.fingerprint[:FINGERPRINT_BYTES]:
@@ -342,7 +414,10 @@ def decompress(
     if reader.pos != len(data):
         raise UserError(f"{source} is corrupted ({len(data) - reader.pos} bytes too many)")
     c, h, w = header.shape
+    if header.count * c * h * w > MAX_DECODED_BYTES:
+        raise UserError(f"{source} is corrupted (it claims {header.count} images)")
     images = torch.zeros(header.count, c, h, w, dtype=torch.uint8)
+    labels = torch.full((header.count,), -1, dtype=torch.long)
     for i, payload in stored.items():
         images[i] = _unstore(header.stored[i][0], payload, header.shape, source, i)
     per_batch = max(1, batch_size // header.group)
@@ -351,11 +426,12 @@ def decompress(
         bar.update(len(stored))
         for first in range(0, len(groups), per_batch):
             batch = groups[first : first + per_batch]
-            coders = [
+            decoders = [
                 queue.RangeDecoder(s.astype(np.uint32)) for s in streams[first:][: len(batch)]
             ]
+            coders = _Coders(decoders, [len(m) for m in batch], encode=False)
             try:
-                values, _ = _code_groups(model, coders, [len(m) for m in batch], None, False)
+                values, decoded_labels, _ = _code_groups(model, coders)
             except Exception as err:  # constriction: out of data, an invalid state
                 raise UserError(
                     f"{source} is corrupted: its coder stream does not decode ({type(err).__name__}"
@@ -363,13 +439,15 @@ def decompress(
                 ) from None
             members = [i for m in batch for i in m]
             images[members] = model.from_steps(values).cpu()
+            if decoded_labels is not None:
+                labels[members] = decoded_labels
             bar.update(len(members))
     if zlib.crc32(images.numpy().tobytes()) != crc:
         raise UserError(
             f"{source} is corrupted: it does not decode to what was compressed (CRC mismatch); "
             "nothing was written"
         )
-    return images
+    return (images, labels) if with_labels else images
 
 
 def _unstore(mode: str, payload: bytes, shape, source: str, i: int) -> torch.Tensor:
@@ -395,18 +473,28 @@ def cache_path(run_dir: str | Path, print_: bytes) -> Path:
     return Path(run_dir) / f"codec-{print_[:FINGERPRINT_BYTES].hex()}.safetensors"
 
 
-def calibration_images(run_dir: str | Path, model: ImageTransformer) -> torch.Tensor:
-    """A few training images of the run (the first of its train split); a folder without its
-    data (or a bare model folder) falls back to samples of the model, seeded."""
+def calibration_images(run_dir: str | Path, model: ImageTransformer):
+    """A few training images of the run (the first of its train split) and their labels; a
+    folder without its data (or a bare model folder) falls back to seeded samples of the model
+    (a super-resolution model: to seeded noise)."""
+    config = model.config
     the_run = open_run(run_dir)
     if the_run is not None:
         try:
-            images = the_run.load_split("train").images[:64]
-            if tuple(images.shape[1:]) == tuple(model.config.image_shape) and len(images):
-                return images
+            data = the_run.load_split("train")
+            images = data.images[:CALIBRATION_IMAGES]
+            labels = None if data.labels is None else data.labels[:CALIBRATION_IMAGES]
+            fits = tuple(images.shape[1:]) == tuple(config.image_shape) and len(images)
+            if fits and (labels is not None or not config.num_classes):
+                return images, labels
         except (UserError, OSError):
             pass
-    return model.sample(16, generator=torch.Generator().manual_seed(0)).cpu()
+    generator = torch.Generator().manual_seed(0)
+    if config.task == "superres":
+        shape = (16, *config.image_shape)
+        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8), None
+    labels = torch.arange(16) % config.num_classes if config.num_classes else None
+    return model.sample(16, labels=labels, generator=generator).cpu(), labels
 
 
 def quantized(
@@ -425,7 +513,7 @@ def quantized(
                 return IntegerModel.load(path, device)
         except UserError:
             continue
-    integer = quantize(model, calibration_images(run_dir, model))
+    integer = quantize(model, *calibration_images(run_dir, model))
     path = cache_path(run_dir, integer.fingerprint)
     integer.save(path, source)
     note(f"made the integer model of {run_dir} for exact coding: {path} (once per weights)")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -44,6 +45,8 @@ from torch import nn
 from ..config import ImageTransformerConfig
 from ..errors import UserError
 from ..files import atomic_write_bytes
+from ..layout import area_downsample, images_to_raster, raster_channel
+from ..model import covering_pixel
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
 
@@ -285,19 +288,20 @@ def exp2_table(frac: int, bits: int) -> np.ndarray:
 
 
 class Attention:
-    """One attention step over the key/value ring buffer: integer scores, softmax by an
-    exponential table relative to the largest score, the weighted mean of the values by one
-    exact product and a rounded division."""
+    """Attention in integers: integer scores, softmax by an exponential table relative to each
+    query's largest admitted score, the weighted mean of the values by one exact product and a
+    rounded division. One generation step over the key/value ring buffer (`step`), unmasked over
+    a whole sequence (`full`: the super-resolution encoder) or over an encoder's keys and values
+    (`over`: encoder-decoder attention)."""
 
     @staticmethod
     def make(store: Store, name: str, attn: nn.Module, unit: float, scales: dict) -> None:
         d = attn.query.weight.shape[0]
-        stacked = nn.Linear(d, 3 * d, bias=False)
-        stacked.weight = nn.Parameter(
-            torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]).detach()
-        )
-        units = np.repeat([scales["q"], scales["k"], scales["v"]], d)
-        Linear.make(store, f"{name}.qkv", stacked, unit, RES_MAX, units, -ACT_MAX, ACT_MAX)
+        stacked = nn.Linear(d, 2 * d, bias=False)
+        stacked.weight = nn.Parameter(torch.cat([attn.key.weight, attn.value.weight]).detach())
+        units = np.repeat([scales["k"], scales["v"]], d)
+        Linear.make(store, f"{name}.q", attn.query, unit, RES_MAX, scales["q"], -ACT_MAX, ACT_MAX)
+        Linear.make(store, f"{name}.kv", stacked, unit, RES_MAX, units, -ACT_MAX, ACT_MAX)
         Linear.make(store, f"{name}.out", attn.out, scales["v"], ACT_MAX, unit, -RES_MAX, RES_MAX)
         head_dim = attn.head_dim
         m = scales["q"] * scales["k"] / math.sqrt(head_dim) * math.log2(math.e) * 2**ATT_FRAC
@@ -307,26 +311,52 @@ class Attention:
 
     def __init__(self, store: Store, name: str, device: torch.device, heads: int) -> None:
         self.heads = heads
-        self.qkv = Linear(store, f"{name}.qkv", device)
+        self.q = Linear(store, f"{name}.q", device)
+        self.kv = Linear(store, f"{name}.kv", device)
         self.out = Linear(store, f"{name}.out", device)
         self.cap = store.ints[f"{name}.cap"]
         self.scores = Rescale(store, f"{name}.scores", device)
         self.table = store.get("exp2_attention", device)
 
-    def step(self, x: torch.Tensor, step: int, cache: Cache, allowed: torch.Tensor):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # [n, h, dh] each
-        slot = step % cache.keys.shape[2]
-        cache.keys[:, :, slot] = k.double()
-        cache.values[:, :, slot] = v.double()
-        z = torch.matmul(cache.keys, q.double()[..., None])[..., 0].long()  # [n, h, span]
-        top = torch.where(allowed, z, torch.iinfo(torch.int64).min).amax(-1, keepdim=True)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n, d] -> [..., h, n, dh]"""
+        return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, h, n, dh] (float64 holding integers) of a sequence [b, n, d]."""
+        k, v = self.kv(source).double().chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def attend(self, x, keys, values, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Queries of x [b, n, d] over keys and values [b, h, m, dh]; `allowed` [n or 1, m]
+        (None: all) -> [b, n, d]."""
+        q = self._heads(self.q(x)).double()
+        z = torch.matmul(q, keys.transpose(-1, -2)).long()  # [b, h, n, m]: exact, < 2^53
+        if allowed is not None:
+            z = torch.where(allowed, z, torch.iinfo(torch.int64).min)
+        top = z.amax(-1, keepdim=True)
         t = self.scores((top - z).clamp(0, self.cap)).clamp(max=(ATT_BITS + 1) << ATT_FRAC)
-        e = torch.where(allowed, exp2_neg(t, self.table, ATT_FRAC), 0)  # [n, h, span] < 2^20
-        num = torch.matmul(e.double()[:, :, None, :], cache.values)[:, :, 0].long()
+        e = exp2_neg(t, self.table, ATT_FRAC)  # < 2^20, masked keys 0 (t capped)
+        if allowed is not None:
+            e = torch.where(allowed, e, 0)
+        num = torch.matmul(e.double(), values).long()  # [b, h, n, dh]: exact, < 2^53
         den = e.sum(-1, keepdim=True)  # >= 2^20: the largest score's weight
         o = torch.div(2 * num + den, 2 * den, rounding_mode="floor")  # round(num / den)
-        return self.out(o.reshape(n, -1))
+        return self.out(o.transpose(-2, -3).flatten(-2))
+
+    def step(self, x: torch.Tensor, step: int, cache: Cache, allowed: torch.Tensor):
+        """x [b, d] at generation step `step`: its key and value go into the ring buffer."""
+        k, v = self.keys_values(x[:, None])
+        slot = step % cache.keys.shape[2]
+        cache.keys[:, :, slot] = k[:, :, 0]
+        cache.values[:, :, slot] = v[:, :, 0]
+        return self.attend(x[:, None], cache.keys, cache.values, allowed[None])[:, 0]
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.keys_values(x), None)
+
+    def over(self, x: torch.Tensor, keys_values) -> torch.Tensor:
+        return self.attend(x[:, None], *keys_values, None)[:, 0]
 
 
 @dataclass
@@ -336,27 +366,49 @@ class Cache:
 
 
 class Block:
+    """Self-attention, (super-resolution) encoder-decoder attention and the feed-forward layer,
+    each with its residual and LayerNorm, pre- or post-norm as the float block."""
+
     def __init__(self, store: Store, name: str, device: torch.device, config) -> None:
         self.norm_first = config.norm_first
-        self.attn = Attention(store, f"{name}.attn", device, config.num_heads)
+        heads = config.num_heads
+        self.attn = Attention(store, f"{name}.attn", device, heads)
         self.norm1 = LayerNorm(store, f"{name}.norm1", device)
         self.norm2 = LayerNorm(store, f"{name}.norm2", device)
         self.ffn1 = Linear(store, f"{name}.ffn1", device)
         self.ffn2 = Linear(store, f"{name}.ffn2", device)
+        self.cross = None
+        if f"{name}.cross_attn.cap" in store.ints:
+            self.cross = Attention(store, f"{name}.cross_attn", device, heads)
+            self.norm_cross = LayerNorm(store, f"{name}.norm_cross", device)
 
-    def step(self, x, step, cache, allowed):
-        def attend(h):
-            return self.attn.step(h, step, cache, allowed)
+    @staticmethod
+    def make(store: Store, name: str, block: nn.Module, unit: float, scales: dict) -> None:
+        Attention.make(store, f"{name}.attn", block.attn, unit, scales["attn"])
+        LayerNorm.make(store, f"{name}.norm1", block.norm1, unit)
+        LayerNorm.make(store, f"{name}.norm2", block.norm2, unit)
+        hidden = scales["hidden"]
+        Linear.make(store, f"{name}.ffn1", block.ffn[0], unit, RES_MAX, hidden, 0, ACT_MAX)
+        Linear.make(store, f"{name}.ffn2", block.ffn[2], hidden, ACT_MAX, unit, -RES_MAX, RES_MAX)
+        if block.cross_attn is not None:
+            Attention.make(store, f"{name}.cross_attn", block.cross_attn, unit, scales["cross"])
+            LayerNorm.make(store, f"{name}.norm_cross", block.norm_cross, unit)
 
-        def ffn(h):
-            return self.ffn2(self.ffn1(h))
+    def run(self, x: torch.Tensor, attend, attend_memory=None) -> torch.Tensor:
+        sublayers = [(self.norm1, attend)]
+        if self.cross is not None:
+            sublayers.append((self.norm_cross, attend_memory))
+        sublayers.append((self.norm2, lambda h: self.ffn2(self.ffn1(h))))
+        for norm, f in sublayers:
+            x = residual_add(x, f(norm(x))) if self.norm_first else norm(residual_add(x, f(x)))
+        return x
 
-        add = residual_add
-        if self.norm_first:
-            x = add(x, attend(self.norm1(x)))
-            return add(x, ffn(self.norm2(x)))
-        x = self.norm1(add(x, attend(x)))
-        return self.norm2(add(x, ffn(x)))
+    def step(self, x, step, cache, allowed, memory_kv=None):
+        return self.run(
+            x,
+            lambda h: self.attn.step(h, step, cache, allowed),
+            lambda h: self.cross.over(h, memory_kv),
+        )
 
 
 def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -469,13 +521,53 @@ def fixed_unit_values(numerators) -> list[int]:
 class DecodingState:
     batch: int
     caches: list[Cache]
+    memory_kvs: list  # per block: the encoder's keys and values (super-resolution), or None
+    conditioning: torch.Tensor | None  # [n, 1 or N, d]: the class and low-resolution signals
     next_step: int = 0
 
 
+def table_of(store: Store, name: str, weight: torch.Tensor, scale: float, unit: float) -> None:
+    """An embedding table times `scale`, in the residual stream's units."""
+    store.put(name, (weight.detach().double() * scale / unit).clamp(-RES_MAX, RES_MAX))
+
+
+class Encoder:
+    """The super-resolution encoder in integers: the low-resolution image embedded with its
+    table and timing signal, unmasked attention blocks, the final LayerNorm (pre-norm)."""
+
+    @staticmethod
+    def make(store: Store, encoder: nn.Module, unit: float, scales: list[dict]) -> None:
+        table_of(store, "encoder.embed", encoder.embed.weight, math.sqrt(encoder.d_model), unit)
+        table_of(store, "encoder.position", encoder._timing, 1.0, unit)
+        for i, block in enumerate(encoder.blocks):
+            Block.make(store, f"encoder.blocks.{i}", block, unit, scales[i])
+        if isinstance(encoder.final_norm, nn.LayerNorm):
+            LayerNorm.make(store, "encoder.final_norm", encoder.final_norm, unit)
+
+    def __init__(self, store: Store, device: torch.device, config) -> None:
+        self.channel = raster_channel(config.low_res_shape).to(device)
+        self.embed = store.get("encoder.embed", device)
+        self.position = store.get("encoder.position", device)
+        layers = range(config.encoder_layers)
+        self.blocks = [Block(store, f"encoder.blocks.{i}", device, config) for i in layers]
+        self.final_norm = None
+        if "encoder.final_norm.gain" in store.tensors:
+            self.final_norm = LayerNorm(store, "encoder.final_norm", device)
+
+    def __call__(self, low_res: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, h, w] -> [n, C*h*w, d]."""
+        tokens = self.channel * 256 + images_to_raster(low_res.long())
+        x = (self.embed[tokens] + self.position).clamp(-RES_MAX, RES_MAX)
+        for block in self.blocks:
+            x = block.run(x, block.attn.full)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
 class IntegerModel:
-    """An integer twin of an `ImageTransformer`'s decoding step (unconditional models, both
-    outputs). `step` gives the head's integer outputs; `coding` turns them into the integer
-    frequencies of each channel in turn."""
+    """An integer twin of an `ImageTransformer`'s decoding step (both outputs; unconditional,
+    class-conditional and super-resolution models). `start` and `step` give the head's integer
+    outputs step by step; `coding` turns them into the integer frequencies of each channel in
+    turn."""
 
     def __init__(
         self, config: ImageTransformerConfig, store: Store, device: torch.device | str = "cpu"
@@ -501,6 +593,12 @@ class IntegerModel:
         ]
         self.final_norm = LayerNorm(store, "final_norm", device) if config.norm_first else None
         self.head = Linear(store, "head", device)
+        self.class_table = store.get("class_embed", device) if config.num_classes else None
+        self.encoder = Encoder(store, device, config) if config.task == "superres" else None
+        self.low_res_table = None
+        if "low_res_embed" in store.tensors:
+            self.low_res_table = store.get("low_res_embed", device)
+            self.covering = covering_pixel(config)[self.pattern.generation_order].to(device)
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
             self.inverse_scale = store.get("inverse_scale", device)
@@ -573,7 +671,12 @@ class IntegerModel:
     def from_steps(self, values: torch.Tensor) -> torch.Tensor:
         return self.distribution.to_images(values[:, self.inverse_order]).to(torch.uint8)
 
-    def start(self, n: int) -> DecodingState:
+    def start(
+        self, n: int, labels: torch.Tensor | None = None, low_res: torch.Tensor | None = None
+    ) -> DecodingState:
+        """The state of a step-by-step decoding of `n` images: empty ring buffers, the class
+        signal of `labels` [n] (class-conditional models) and the encoder run once over
+        `low_res` uint8 [n, C, h, w] (super-resolution models)."""
         c = self.config
         span, head_dim = self.pattern.cache_span, c.d_model // c.num_heads
         shape = (n, c.num_heads, span, head_dim)
@@ -581,7 +684,25 @@ class IntegerModel:
         def zeros():
             return torch.zeros(shape, dtype=torch.float64, device=self.device)
 
-        return DecodingState(n, [Cache(zeros(), zeros()) for _ in self.blocks])
+        caches = [Cache(zeros(), zeros()) for _ in self.blocks]
+        if (labels is None) != (self.class_table is None):
+            raise UserError("labels go with class-conditional models, and only with them")
+        if (low_res is None) != (self.encoder is None):
+            raise UserError("low_res goes with super-resolution models, and only with them")
+        conditioning = None
+        if labels is not None:
+            conditioning = self.class_table[labels.to(self.device).long()][:, None]
+        memory_kvs = [None] * len(self.blocks)
+        if low_res is not None:
+            low_res = low_res.to(self.device)
+            memory = self.encoder(low_res)
+            memory_kvs = [block.cross.keys_values(memory) for block in self.blocks]
+            if self.low_res_table is not None:
+                pixels = rearrange(low_res.long(), "b c h w -> b (h w) c")
+                tokens = pixels + 256 * torch.arange(pixels.shape[-1], device=self.device)
+                signal = self.low_res_table[tokens].sum(2)[:, self.covering]  # [n, N, d]
+                conditioning = signal if conditioning is None else conditioning + signal
+        return DecodingState(n, caches, memory_kvs, conditioning)
 
     def step(self, state: DecodingState, step: int, previous: torch.Tensor | None):
         """The head's integer outputs [n, P] for generation step `step` given the values of step
@@ -594,10 +715,15 @@ class IntegerModel:
                 x = x + self.embed_table[self.step_channel[step - 1] * 256 + previous.long()]
             else:
                 x = x + self.embed_linear(2 * previous.long() - 255)
-            x = x.clamp(-RES_MAX, RES_MAX)
+        if state.conditioning is not None:
+            cond = state.conditioning
+            x = x + cond[:, step if cond.shape[1] > 1 else 0]
+        x = x.clamp(-RES_MAX, RES_MAX)
         allowed = self.allowed[step]
-        for block, cache in zip(self.blocks, state.caches, strict=True):
-            x = block.step(x, step, cache, allowed)
+        for block, cache, memory_kv in zip(
+            self.blocks, state.caches, state.memory_kvs, strict=True
+        ):
+            x = block.step(x, step, cache, allowed, memory_kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
         state.next_step = step + 1
@@ -608,12 +734,18 @@ class IntegerModel:
             return CategoricalCoding(self, head)
         return MixtureCoding(self, head)
 
-    def frequencies_of(self, images: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def frequencies_of(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(step, channel, integer frequencies [n, 256]) of every symbol of `images` in coding
-        order, with the true values fed back (what the encoder computes)."""
+        order, with the true values fed back (what the encoder computes). A super-resolution
+        model is given the images' own area-downsampled copies unless `low_res` is."""
         values = self.to_steps(images)
         n = values.shape[0]
-        state = self.start(n)
+        state = self.start(n, labels, self.low_res_of(images, low_res))
         for step in range(self.config.num_positions):
             head = self.step(state, step, values[:, step - 1] if step else None)
             coding = self.coding(head)
@@ -622,11 +754,17 @@ class IntegerModel:
                 yield step, channel, coding.frequencies(channel)
                 coding.observe(channel, value[:, channel])
 
-    def bits(self, images: torch.Tensor) -> torch.Tensor:
-        """Exact bits [n] each image costs under the integer model (float64 of exact ratios)."""
+    def low_res_of(self, images: torch.Tensor, low_res: torch.Tensor | None):
+        if self.encoder is None or low_res is not None:
+            return low_res
+        return area_downsample(images, self.config.scale)
+
+    def bits(self, images: torch.Tensor, labels=None, low_res=None) -> torch.Tensor:
+        """Exact bits [n] each image costs under the integer model (float64 of exact ratios),
+        given its label or low-resolution input where the model takes one."""
         values = self.to_steps(images).reshape(images.shape[0], -1, self.channels_per_step)
         total = torch.zeros(images.shape[0], dtype=torch.float64, device=self.device)
-        for step, channel, freqs in self.frequencies_of(images):
+        for step, channel, freqs in self.frequencies_of(images, labels, low_res):
             f = freqs.gather(-1, values[:, step, channel, None])[:, 0]
             total += FREQ_BITS - torch.log2((f + 1).double())
         return total
@@ -649,10 +787,12 @@ def _read_metadata(path: Path) -> dict:
 
 
 # Making one from a float model ---------------------------------------------------------------
-def calibrate(model, images: torch.Tensor) -> dict[str, float]:
+def calibrate(model, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """Largest magnitude of every activation the integer model quantises, over a full forward
-    pass of the float model on `images`: `res` (the residual stream, LayerNorm inputs and
-    outputs), and per block `i.q`, `i.k`, `i.v` and `i.hidden`."""
+    pass of the float model on `images` (and `labels`): `res` (every residual stream, LayerNorm
+    input and output, the encoder's output), and per block (`3`, `encoder.3`) its queries, keys,
+    values (`.q`, `.k`, `.v`), hidden units (`.hidden`) and encoder-decoder attention's
+    (`.cross.q`, ...)."""
     seen: dict[str, float] = {}
 
     def note(name: str, tensor: torch.Tensor) -> None:
@@ -666,60 +806,77 @@ def calibrate(model, images: torch.Tensor) -> dict[str, float]:
     def watch_input(module, name):
         hooks.append(module.register_forward_pre_hook(lambda m, i: note(name, i[0])))
 
-    watch_input(model.blocks[0], "res")
-    for i, block in enumerate(model.blocks):
-        watch_output(block, "res")
-        for norm in (block.norm1, block.norm2):
-            watch_input(norm, "res")
-            watch_output(norm, "res")
-        watch_output(block.attn.query, f"{i}.q")
-        watch_output(block.attn.key, f"{i}.k")
-        watch_output(block.attn.value, f"{i}.v")
-        watch_input(block.ffn[2], f"{i}.hidden")
+    stacks = [("", model.blocks)]
+    if model.encoder is not None:
+        stacks.append(("encoder.", model.encoder.blocks))
+        watch_output(model.encoder, "res")
+    for prefix, blocks in stacks:
+        for i, block in enumerate(blocks):
+            name = f"{prefix}{i}"
+            watch_input(block, "res")
+            watch_output(block, "res")
+            norms = [block.norm1, block.norm2]
+            attentions = [(block.attn, name)]
+            if block.cross_attn is not None:
+                norms.append(block.norm_cross)
+                attentions.append((block.cross_attn, f"{name}.cross"))
+            for norm in norms:
+                watch_input(norm, "res")
+                watch_output(norm, "res")
+            for attn, where in attentions:
+                for part in ("query", "key", "value"):
+                    watch_output(getattr(attn, part), f"{where}.{part[0]}")
+            watch_input(block.ffn[2], f"{name}.hidden")
     if model.config.norm_first:
         watch_output(model.final_norm, "res")
     try:
         with model.evaluating():
             for start in range(0, len(images), 16):
-                model.logits_in_generation_order(images[start : start + 16])
+                chunk = None if labels is None else labels[start : start + 16]
+                model.logits_in_generation_order(images[start : start + 16], chunk)
     finally:
         for hook in hooks:
             hook.remove()
     return seen
 
 
-def quantize(model, images: torch.Tensor) -> IntegerModel:
+def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) -> IntegerModel:
     """The integer model of float `model`, its activation scales calibrated on `images` (a few
-    training images, uint8 [B, C, H, W])."""
+    training images, uint8 [B, C, H, W]; with their `labels` for a class-conditional model)."""
     config = model.config
-    if config.num_classes or config.task != "generate":
-        raise UserError(
-            "compress works with unconditional models only (a class-conditional or "
-            "super-resolution model would also need its label or low-resolution input)"
-        )
     model = model.cpu() if next(model.parameters()).device.type != "cpu" else model
-    seen = calibrate(model, images[:CALIBRATION_IMAGES].cpu())
+    if config.num_classes and labels is None:
+        raise UserError("a class-conditional model is calibrated on labelled images")
+    n = min(len(images), CALIBRATION_IMAGES)
+    labels = None if labels is None or not config.num_classes else labels[:n].cpu()
+    seen = calibrate(model, images[:n].cpu(), labels)
     unit = pow2_scale(seen["res"], RES_MAX)
+
+    def block_scales(name: str) -> dict:
+        scales = {"hidden": pow2_scale(seen[f"{name}.hidden"], ACT_MAX)}
+        for attn in ("", ".cross"):
+            if f"{name}{attn}.q" in seen:
+                key = "cross" if attn else "attn"
+                scales[key] = {a: pow2_scale(seen[f"{name}{attn}.{a}"], ACT_MAX) for a in "qkv"}
+        return scales
+
     store = Store()
     d = config.d_model
     with torch.no_grad():
-        store.put("position", (model.position_signal().double() / unit).clamp(-RES_MAX, RES_MAX))
+        table_of(store, "position", model.position_signal(), 1.0, unit)
         if config.output == "cat":
-            table = model.embed.weight.double() * math.sqrt(d) / unit
-            store.put("embed", table.clamp(-RES_MAX, RES_MAX).numpy())
+            table_of(store, "embed", model.embed.weight, math.sqrt(d), unit)
         else:
             Linear.make(store, "embed", model.embed, 1 / 255, 255, unit, 0, RES_MAX)
+        if model.class_embed is not None:
+            table_of(store, "class_embed", model.class_embed.weight, math.sqrt(d), unit)
+        if model.low_res_embed is not None:
+            table_of(store, "low_res_embed", model.low_res_embed.weight, math.sqrt(d), unit)
+        if model.encoder is not None:
+            layers = range(config.encoder_layers)
+            Encoder.make(store, model.encoder, unit, [block_scales(f"encoder.{i}") for i in layers])
         for i, block in enumerate(model.blocks):
-            name = f"blocks.{i}"
-            scales = {a: pow2_scale(seen[f"{i}.{a}"], ACT_MAX) for a in ("q", "k", "v")}
-            Attention.make(store, f"{name}.attn", block.attn, unit, scales)
-            LayerNorm.make(store, f"{name}.norm1", block.norm1, unit)
-            LayerNorm.make(store, f"{name}.norm2", block.norm2, unit)
-            hidden = pow2_scale(seen[f"{i}.hidden"], ACT_MAX)
-            Linear.make(store, f"{name}.ffn1", block.ffn[0], unit, RES_MAX, hidden, 0, ACT_MAX)
-            Linear.make(
-                store, f"{name}.ffn2", block.ffn[2], hidden, ACT_MAX, unit, -RES_MAX, RES_MAX
-            )
+            Block.make(store, f"blocks.{i}", block, unit, block_scales(str(i)))
         if config.norm_first:
             LayerNorm.make(store, "final_norm", model.final_norm, unit)
         Linear.make(
@@ -757,11 +914,14 @@ def head_units(config: ImageTransformerConfig) -> np.ndarray:
 
 def check_exact(config: ImageTransformerConfig) -> None:
     """The bounds that make the float64 products exact, from the bit widths: q.k over a head,
-    and the attention weights (< 2^21) times values over the ring buffer."""
-    span = AttentionPattern.from_config(config).cache_span
+    and the attention weights (< 2^21) times values over the most keys a query reads (the ring
+    buffer, or the super-resolution encoder's positions)."""
+    keys = AttentionPattern.from_config(config).cache_span
+    if config.task == "superres":
+        keys = max(keys, math.prod(config.low_res_shape))
     head_dim = config.d_model // config.num_heads
-    if ACT_MAX**2 * head_dim >= EXACT or span * (1 << ATT_BITS) * ACT_MAX >= EXACT:
+    if ACT_MAX**2 * head_dim >= EXACT or keys * (1 << ATT_BITS) * ACT_MAX >= EXACT:
         raise UserError(
-            f"integer model: attention over {span} keys of {head_dim} dimensions does not fit "
+            f"integer model: attention over {keys} keys of {head_dim} dimensions does not fit "
             "exact float64 products"
         )
