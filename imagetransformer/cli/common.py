@@ -19,14 +19,12 @@ from ..run import SPLITS, DataOptions, Run, check_data_fits, load_run_split
 from ..runs_io import open_model, open_run  # the library's; the verbs call them from here
 
 DEVICE_HELP = (
-    "auto picks CUDA when present, else the CPU. On a CPU, fp32 eager with the blocked "
-    "backend is the fastest mode we measured (bf16 autocast is ~10x slower without bf16 "
-    "hardware and 1.3-1.6x slower with it, for the CPU presets; torch.compile gave no gain)."
+    "auto picks CUDA when present, else the CPU. On a CPU the defaults (fp32, eager, blocked "
+    "attention) are the fastest mode measured (docs/results.md, Speed)."
 )
 PRECISION_HELP = (
-    "compute precision through autocast (bits/dim is always reduced in float32); fp32 is the "
-    "default because bf16 autocast was slower on every CPU measured (~10x without bf16 "
-    "hardware, 1.3-1.6x with AVX-512 bf16)"
+    "compute precision through autocast (bits/dim is always reduced in float32); fp32 unless the "
+    "run says otherwise: bf16 autocast was slower on the CPUs measured (docs/results.md, Speed)"
 )
 
 

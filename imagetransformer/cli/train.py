@@ -64,7 +64,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the training forward (no speed-up measured on CPU; try it on GPUs)",
+        help="torch.compile the training forward (off by default; no gain measured on a CPU: "
+        "docs/results.md, Speed)",
     )
     p.set_defaults(func=run)
 
