@@ -21,6 +21,7 @@ from PIL import Image
 from imagetransformer import ImageTransformer, UserError
 from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
+from imagetransformer.files import WriteError
 from imagetransformer.tools.codec import (
     best_labels,
     compress,
@@ -29,7 +30,7 @@ from imagetransformer.tools.codec import (
     quantized,
     read_header,
 )
-from imagetransformer.tools.integer_model import quantize
+from imagetransformer.tools.integer_model import IntegerModel, quantize
 
 from .helpers import tiny_config
 
@@ -133,12 +134,17 @@ def test_digits_compress_near_their_bits_per_dim(run, digits):
 DECODE_ELSEWHERE = """
 import sys, torch
 from imagetransformer.cli import main
-from imagetransformer.tools.codec import quantized
+from imagetransformer import ImageTransformer
+from imagetransformer.tools.codec import calibration_images, quantized
+from imagetransformer.files import WriteError
+from imagetransformer.tools.integer_model import IntegerModel, quantize
 from tests.test_codec import frequency_digest
 run, images, itc, out, batch = sys.argv[1:]
 integer = quantized(run, torch.device("cpu"), note=lambda _: None)
 digest = frequency_digest(integer, torch.load(images), int(batch))
-print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), digest)
+model = ImageTransformer.from_pretrained(run)
+made_here = quantize(model, *calibration_images(run, model)).fingerprint.hex()
+print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), digest, made_here)
 sys.exit(main(["decompress", run, itc, "-o", out, "--batch-size", batch]))
 """
 
@@ -166,7 +172,8 @@ def _settings() -> list[tuple[str, str, int]]:
 def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(run, digits, tmp_path):
     """Written here (default kernels, one thread, groups of 4), decoded in fresh processes with
     other CPU kernels (ATEN_CPU_CAPABILITY), thread counts and batch sizes: the same images, and
-    the integer model's frequency tables of every step identical (torch.equal, by SHA-256)."""
+    the integer model's frequency tables of every step identical (torch.equal, by SHA-256).
+    Quantizing the run there gives the same integer model (power-of-two scales)."""
     images = digits[:12]
     integer = quantized(run, torch.device("cpu"), note=lambda _: None)
     itc = tmp_path / "digits.itc"
@@ -182,9 +189,10 @@ def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(run,
             command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
         )
         assert done.returncode == 0, done.stderr
-        kernels, used_threads, digest = done.stdout.split()[:3]
+        kernels, used_threads, digest, made_there = done.stdout.split()[:4]
         assert kernels == capability.upper() and used_threads == threads
         assert digest == reference
+        assert made_there == integer.fingerprint.hex()  # the run makes the same model there
         decoded = [np.asarray(Image.open(out / f"image_{i:05d}.png")) for i in range(12)]
         assert all(np.array_equal(d, x[0]) for d, x in zip(decoded, images.numpy(), strict=True))
 
@@ -225,6 +233,8 @@ def test_refusals_name_the_problem(run, digits):
     version_1 = b"ITC\x00" + struct.pack("<H", 1) + bytes(32) + struct.pack("<HHHII", 1, 8, 8, 1, 1)
     corrupted = bytearray(data)
     corrupted[len(data) // 2] ^= 0xFF  # inside the coder stream: it decodes to something else
+    start = len(read_header(data).to_bytes()) + 1  # the stream's words, after its length
+    invalid = data[:start] + b"\xff" * (len(data) - start - 4) + data[-4:]
     cases = {
         "another model": (other, data),
         "truncated": (integer, data[:-3]),
@@ -233,6 +243,7 @@ def test_refusals_name_the_problem(run, digits):
         "format version 1 \\(imagetransformer before 2026-12": (integer, version_1),
         "bytes too many": (integer, data + b"\x00"),
         "CRC mismatch": (integer, bytes(corrupted)),
+        "coder stream does not decode": (integer, invalid),
     }
     for needle, (model, blob) in cases.items():
         with pytest.raises(UserError, match=needle) as caught:
@@ -296,6 +307,31 @@ def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_p
     assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and cached[0].name in err[0] and "copy that file" in err[0]
+
+
+def test_a_run_folder_that_cannot_be_written_still_compresses(
+    run, digits, tmp_path, monkeypatch, capsys
+):
+    """Where the integer model cannot be cached (a read-only run folder), compress says so and
+    codes anyway; decompress makes the same model again from the run's weights."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("codec-*", "checkpoint*"))
+
+    def refuse(self, path, source=""):
+        raise WriteError(f"could not write {path} (Read-only file system)", Path(path))
+
+    monkeypatch.setattr(IntegerModel, "save", refuse)
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    Image.fromarray(digits[0, 0].numpy()).save(folder / "0.png")
+    packed = tmp_path / "one.itc"
+    assert main(["compress", str(copy), str(folder), "-o", str(packed)]) == 0
+    assert "not cached" in capsys.readouterr().out
+    assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "out")]) == 0
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "image_00000.png")), digits[0, 0]
+    )
+    assert not list(copy.glob("codec-*"))
 
 
 def test_compress_reads_images_at_the_models_shape_and_says_so(run, tmp_path, capsys):

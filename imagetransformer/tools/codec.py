@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..files import WriteError
 from ..layout import area_downsample
 from ..model import ImageTransformer
 from ..runs_io import open_model, open_run
@@ -432,7 +433,8 @@ def decompress(
             coders = _Coders(decoders, [len(m) for m in batch], encode=False)
             try:
                 values, decoded_labels, _ = _code_groups(model, coders)
-            except Exception as err:  # constriction: out of data, an invalid state
+            except (AssertionError, ValueError, RuntimeError, OverflowError) as err:
+                # constriction: data that is not valid for the model, a coder out of data
                 raise UserError(
                     f"{source} is corrupted: its coder stream does not decode ({type(err).__name__}"
                     "); nothing was written"
@@ -515,8 +517,12 @@ def quantized(
             continue
     integer = quantize(model, *calibration_images(run_dir, model))
     path = cache_path(run_dir, integer.fingerprint)
-    integer.save(path, source)
-    note(f"made the integer model of {run_dir} for exact coding: {path} (once per weights)")
+    try:
+        integer.save(path, source)
+    except WriteError as err:
+        note(f"note: the integer model is not cached ({err}); decompress makes it again")
+    else:
+        note(f"made the integer model of {run_dir} for exact coding: {path} (once per weights)")
     return integer.to(device)
 
 

@@ -89,12 +89,11 @@ def rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
 
 def isqrt(v: torch.Tensor) -> torch.Tensor:
     """floor(sqrt(v)) of int64 v in [0, 2^62), exactly: the float estimate is within one of it
-    on any machine, and two corrections each way make it exact."""
+    (v rounds to 53 bits, the square root is correctly rounded), and one correction each way
+    makes it exact on any machine."""
     r = torch.sqrt(v.double()).long()
-    for _ in range(2):
-        r = torch.where(r * r > v, r - 1, r)
-        r = torch.where((r + 1) * (r + 1) <= v, r + 1, r)
-    return r
+    r = torch.where(r * r > v, r - 1, r)
+    return torch.where((r + 1) * (r + 1) <= v, r + 1, r)
 
 
 def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
