@@ -332,7 +332,7 @@ class Attention:
         q = self._heads(self.q(x)).double()
         z = torch.matmul(q, keys.transpose(-1, -2)).long()  # [b, h, n, m]: exact, < 2^53
         if allowed is not None:
-            z = torch.where(allowed, z, torch.iinfo(torch.int64).min)
+            z = torch.where(allowed, z, -(2**62))  # below any score; top - z stays in range
         top = z.amax(-1, keepdim=True)
         t = self.scores((top - z).clamp(0, self.cap)).clamp(max=(ATT_BITS + 1) << ATT_FRAC)
         e = exp2_neg(t, self.table, ATT_FRAC)  # < 2^20, masked keys 0 (t capped)
