@@ -10,6 +10,7 @@ Each part reads runs trained by the README's commands; from a fresh clone (after
     .venv/bin/imagetransformer train --preset rgb32 --data /tmp/photos32 --out runs/rgb32
     .venv/bin/imagetransformer train --preset rgb32 --data /tmp/small6 --out runs/small6
     .venv/bin/python benchmarks/quality.py colour runs/rgb32 runs/small6
+    .venv/bin/python benchmarks/quality.py curve runs/small6 --out docs/curve_small_folder.png
     # super-resolution and class-conditional runs on mnist5k
     .venv/bin/imagetransformer train --preset mnist_sr --out runs/mnist_sr
     .venv/bin/python benchmarks/quality.py superres runs/mnist_sr
@@ -222,6 +223,37 @@ def labels(args: argparse.Namespace) -> dict:
     return result
 
 
+def curve(args: argparse.Namespace) -> dict:
+    """Train bits/dim (the mean over each stretch between evaluations) against validation
+    bits/dim, from a run's log.jsonl; the selected step marked."""
+    from imagetransformer.plotting import pyplot
+
+    run = Run.open(args.run)
+    records = [json.loads(line) for line in run.log_path.read_text().splitlines()]
+    train = [(r["step"], r["bits_per_dim"]) for r in records if r["kind"] == "train"]
+    validation = [(r["step"], r["bits_per_dim"]) for r in records if r["kind"] == "validation"]
+    test = [(r["step"], r["bits_per_dim"]) for r in records if r["kind"] == "test"]
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(6, 3.6), dpi=120)
+    steps, values = zip(*train, strict=True)
+    window = max(1, len(values) // 40)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    axes.plot(steps[window - 1 :], smooth, label="train (running mean)", color="tab:blue")
+    axes.plot(*zip(*validation, strict=True), "o-", label="validation", color="tab:orange")
+    if test:
+        axes.plot(*test[-1], "s", label="test (selected weights)", color="tab:green")
+    if run.info.selected:
+        axes.axvline(run.info.selected["step"], color="grey", ls=":", label="selected step")
+    axes.set_xlabel("step")
+    axes.set_ylabel("bits/dim")
+    axes.set_title(args.title or f"{run.info.preset} on {Path(run.info.data).name}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(args.out)
+    print(f"wrote {args.out}")
+    return {"train": train, "validation": validation, "test": test}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures to this file")
@@ -242,6 +274,11 @@ def main() -> None:
     p.add_argument("judge")
     p.add_argument("--per-class", type=int, default=100)
     p.set_defaults(func=labels)
+    p = sub.add_parser("curve", help="learning curve: train against validation bits/dim")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title")
+    p.set_defaults(func=curve)
     args = parser.parse_args()
     result = args.func(args)
     if args.json:

@@ -73,3 +73,31 @@ def test_web_benchmark_measures_both_servers_and_loses_no_answer(tmp_path):
     assert "| `page=sample&n=16` (median of 3) |" in done.stdout
     assert "12 answers acknowledged" in done.stdout and "0 lost, 0 duplicated" in done.stdout
     assert "0 of them missing after it" in done.stdout
+
+
+def test_quality_measures_streaks_and_codecs():
+    """benchmarks/quality.py: horizontal streaks push the ratio up, vertical ones down; the
+    codec figures are per image bits/dim; bicubic keeps a flat input flat."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 256, (4, 3, 32, 1), generator=g, dtype=torch.uint8).expand(
+        -1, -1, -1, 32
+    )
+    assert quality.streak_ratio(rows) > 10  # every row one colour: horizontal streaks
+    assert quality.streak_ratio(rows.transpose(2, 3)) < 0.1
+    noise = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    assert 0.9 < quality.streak_ratio(noise) < 1.1
+    bits = quality.codec_bits(noise)
+    assert 8.0 < bits["png"] < 9.5 and 8.0 < bits["webp"] < 9.5  # noise does not compress
+    flat = torch.full((2, 1, 32, 32), 77, dtype=torch.uint8)
+    assert quality.codec_bits(flat)["png"] < 1.0  # a flat image costs only its headers
+    up = quality.bicubic(torch.full((1, 1, 7, 7), 77, dtype=torch.uint8), 4)
+    assert up.shape == (1, 1, 28, 28) and bool((up == 77).all())
