@@ -134,7 +134,7 @@ def test_sigterm_under_torchrun_stops_every_process_after_the_same_step(tmp_path
     """torchrun forwards SIGTERM to its workers; they agree on the step, rank 0 writes it."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", "0", "-m", "imagetransformer", "train", *TINY]
+    command += ["--standalone", "-m", "imagetransformer", "train", *TINY]
     command += ["--out", str(run), "--device", "cpu", "--set", "max_steps=100000"]
     command += ["--set", "checkpoint_every=100000", "--set", "eval_every=0"]
     command += ["--set", "log_every=1", "--set", "batch_size=4"]
