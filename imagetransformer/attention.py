@@ -170,6 +170,33 @@ def flex_attention(
 BACKENDS = {"dense": dense_attention, "blocked": blocked_attention, "flex": flex_attention}
 
 
+def _prepare_blocked(pattern: AttentionPattern, device: torch.device) -> None:
+    _on_device(pattern, "banded" if pattern.banded_layout is not None else "blocked", device)
+
+
+def prepare_backend(name: str, pattern: AttentionPattern, device: torch.device | str) -> str:
+    """Build now, outside any trace, every device form that backend `name` reads on `device`
+    (mask, key layout, BlockMask, the compiled flex_attention); returns the resolved name.
+
+    Call it before `torch.compile`: a first trace that builds the forms itself traces the
+    pattern's layout loops (graph breaks) and guards on their absence, so the second step
+    fails the guard and compiles forward and backward again.
+    """
+    device = torch.device(device)
+    name = resolve_backend(name, pattern, device)
+    if name == "dense":
+        _on_device(pattern, "dense", device)
+    elif name == "flex" and _flex_unavailable(device) is None:
+        _on_device(pattern, "flex", device)
+        if device.type == "cuda":
+            _compiled_flex()
+        if device.type in _FLEX_NO_BACKWARD:  # training there falls back to `blocked`
+            _prepare_blocked(pattern, device)
+    else:
+        _prepare_blocked(pattern, device)
+    return name
+
+
 def resolve_backend(name: str, pattern: AttentionPattern, device: torch.device | str) -> str:
     """`auto`: `dense` for a rule that skips no keys (global attention); otherwise `flex` on
     CUDA when flex_attention is available (a fused kernel that skips masked blocks), `blocked`

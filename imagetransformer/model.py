@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, prepare_backend
 from .checkpoint import WEIGHTS_FILE, load_state_checked, read_pretrained, save_pretrained
 from .config import BACKEND_CHOICES, ImageTransformerConfig
 from .errors import UserError
@@ -171,6 +171,11 @@ class Encoder(nn.Module):
         return self.final_norm(x)
 
 
+def _in_range(labels: torch.Tensor, k: int) -> bool:
+    """Whether every label lies in 0..k-1 (one host read; no labels pass)."""
+    return labels.numel() == 0 or bool((labels.min() >= 0) & (labels.max() < k))
+
+
 class ImageTransformer(nn.Module):
     """The Image Transformer over uint8 images [B, C, H, W].
 
@@ -269,12 +274,22 @@ class ImageTransformer(nn.Module):
             return None
         if labels is None:
             raise UserError(f"this model is class-conditional ({k} classes): pass labels")
-        labels = torch.as_tensor(labels, device=self.head.weight.device).long().reshape(-1)
+        labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.numel() == 1 and batch > 1:
             labels = labels.expand(batch)
-        if labels.numel() != batch or labels.min() < 0 or labels.max() >= k:
+        if labels.numel() != batch or (self._read_labels(labels) and not _in_range(labels, k)):
             raise UserError(f"labels must be {batch} integers in 0..{k - 1}")
-        return labels
+        return labels.to(self.head.weight.device)
+
+    def _read_labels(self, labels: torch.Tensor) -> bool:
+        """Whether `check_labels` reads the labels' values to check their range: not inside a
+        compiled graph (a data-dependent branch breaks it), and not for labels on an
+        accelerator in training mode (a host sync every step; the trainer's labels come from a
+        data set, which checks them as it loads). Elsewhere (evaluation, sampling, any CPU
+        call) a label out of range is refused in one line, not by an indexing error."""
+        if torch.compiler.is_compiling():
+            return False
+        return labels.device.type == "cpu" or not self.training
 
     def check_low_res(self, low_res: torch.Tensor | None, images: torch.Tensor | None, batch: int):
         """The super-resolution input: given, or made from `images` by area averaging."""
@@ -377,6 +392,17 @@ class ImageTransformer(nn.Module):
         """
         params = self.logits_in_generation_order(images, labels, low_res)
         return self.distribution.params_to_images(params[:, self.inverse_order])
+
+    def prepare_attention(self) -> ImageTransformer:
+        """Build the attention's device forms (masks, key layouts, BlockMask) for the model's
+        device now, outside any trace; returns the model. Call it before `torch.compile`, and
+        again after moving the model or switching backends (see `attention.prepare_backend`:
+        otherwise the first trace builds them and the second step compiles everything again).
+        """
+        device = self.head.weight.device
+        for block in self.blocks:
+            prepare_backend(block.attn.backend, self.pattern, device)
+        return self
 
     def use_backend(self, name: str) -> ImageTransformer:
         """Compute attention with backend `name` from now on (every backend computes the same

@@ -330,7 +330,12 @@ class Trainer:
         if context.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DistributedDataParallel(forward, device_ids=ids)
-        self.forward = torch.compile(forward) if self.cfg.compile else forward
+        if self.cfg.compile:
+            # the attention's masks and layouts exist before the first trace: built inside it,
+            # they break the graph and fail its guards at the next step (a second compilation)
+            self.model.prepare_attention()
+            forward = torch.compile(forward)
+        self.forward = forward
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.history: list[dict[str, Any]] = []
