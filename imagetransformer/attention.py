@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from .pattern import AttentionPattern
+from .precision import compute_dtype
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask
@@ -216,6 +217,10 @@ class KVCache:
 
     `span` is the pattern's `cache_span`: no step reads a key older than that, so memory and
     per-step cost follow the attention's reach (block + memory), not the image size.
+
+    The ring is held in the dtype the steps compute in (`dtype`: autocast's when the cache is
+    made under it), and the stacked projection weights are cast once per dtype and kept
+    (`weight`): under bf16 autocast no step casts the cache or re-casts the weights.
     """
 
     def __init__(
@@ -226,13 +231,32 @@ class KVCache:
         head_dim: int,
         like: torch.Tensor,
         qkv_weight: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ):
         shape = (batch, heads, span, head_dim)
         self.span = span
-        self.keys = like.new_zeros(shape)
-        self.values = like.new_zeros(shape)
+        dtype = like.dtype if dtype is None else dtype
+        self.keys = like.new_zeros(shape, dtype=dtype)
+        self.values = like.new_zeros(shape, dtype=dtype)
         # the query, key and value projections stacked: one matmul per step, not three
         self.qkv_weight = qkv_weight
+        self._cast_weights: dict[torch.dtype, torch.Tensor] = {}
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The stacked projection weights in `dtype`, cast on first use only."""
+        if self.qkv_weight.dtype == dtype:
+            return self.qkv_weight
+        if dtype not in self._cast_weights:
+            self._cast_weights[dtype] = self.qkv_weight.to(dtype)
+        return self._cast_weights[dtype]
+
+    def store(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one step's keys and values [B, h, dh]; a ring of another dtype (steps that
+        compute in another precision than the one it was made for) is converted once."""
+        if self.keys.dtype != keys.dtype:
+            self.keys, self.values = self.keys.to(keys.dtype), self.values.to(keys.dtype)
+        self.keys[:, :, slot] = keys
+        self.values[:, :, slot] = values
 
 
 class Attention(nn.Module):
@@ -286,23 +310,28 @@ class Attention(nn.Module):
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
     def new_cache(self, batch: int, pattern: AttentionPattern, like: torch.Tensor) -> KVCache:
-        """A cache for one sampling run (the weights must not change during it)."""
+        """A cache for one sampling run (the weights must not change during it), in the
+        dtype the steps will compute in: autocast's if it is on for `like`'s device."""
         stacked = torch.cat([self.query.weight, self.key.weight, self.value.weight]).detach()
-        return KVCache(batch, self.num_heads, pattern.cache_span, self.head_dim, like, stacked)
+        dtype = compute_dtype(like.device, like.dtype)
+        cache = KVCache(
+            batch, self.num_heads, pattern.cache_span, self.head_dim, like, stacked, dtype
+        )
+        cache.weight(dtype)
+        return cache
 
     def step(
         self, x: torch.Tensor, step: int, pattern: AttentionPattern, cache: KVCache
     ) -> torch.Tensor:
         """One generation step: x [B, 1, d] at `step`; reads only the keys the rule admits."""
         batch, heads = x.shape[0], self.num_heads
+        weight = cache.weight(compute_dtype(x.device, x.dtype))
         # [B, 1, 3d] -> three [B, h, 1, dh]: plain views (einops costs more than the math here)
-        q, k, v = F.linear(x, cache.qkv_weight).view(batch, 3, heads, 1, -1).unbind(1)
-        slot = step % cache.span
-        cache.keys[:, :, slot] = k[:, :, 0]
-        cache.values[:, :, slot] = v[:, :, 0]
+        q, k, v = F.linear(x, weight).view(batch, 3, heads, 1, -1).unbind(1)
+        cache.store(step % cache.span, k[:, :, 0], v[:, :, 0])
         # a float mask made once: the boolean one was converted on every call
         masks = _on_device(pattern, f"step_slots:{str(q.dtype).split('.')[1]}", x.device)
         out = F.scaled_dot_product_attention(
-            q, cache.keys.to(q.dtype), cache.values.to(q.dtype), attn_mask=masks[step][None, :]
+            q, cache.keys, cache.values, attn_mask=masks[step][None, :]
         )
         return self.out(out.transpose(1, 2).reshape(batch, 1, -1))

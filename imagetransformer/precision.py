@@ -31,3 +31,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A loss scaler for fp16 (its gradients underflow without one); disabled otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype that matrix products on `device` compute in here: autocast's when it is on
+    for that device type, else `default`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default

@@ -81,3 +81,36 @@ def test_cached_sampling_under_bf16_autocast_follows_the_model():
             exact = model.logits_in_generation_order(images)  # fp32, the whole network
         assert exact.abs().max() > 2
         assert torch.allclose(logits.float(), exact, atol=0.1), kind
+
+
+def test_bf16_decoding_keeps_its_caches_and_weights_in_bf16():
+    """Under bf16 autocast the key/value rings are bf16 from the start and the stacked
+    projection weights are cast once per run: no step casts a whole cache or those weights
+    (before, every layer cast its fp32 cache to bf16 twice per step and re-cast the weights)."""
+    model = ImageTransformer(tiny_config("local_1d")).eval()
+    d = model.config.d_model
+    with torch.no_grad():
+        fp32 = model.start_decoding(2)
+        assert {c.keys.dtype for c in fp32.caches} == {c.values.dtype for c in fp32.caches}
+        assert fp32.caches[0].keys.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = model.start_decoding(2)
+            model.decode_step(state, 0, None)
+            before = [
+                (c.keys.data_ptr(), c.weight(torch.bfloat16).data_ptr()) for c in state.caches
+            ]
+            previous = torch.zeros(2, dtype=torch.long)
+            with torch.profiler.profile(record_shapes=True) as profile:
+                for step in (1, 2, 3):
+                    model.decode_step(state, step, previous)
+    cache_shape = list(state.caches[0].keys.shape)
+    casts = [
+        e.input_shapes[0]
+        for e in profile.events()
+        if e.name in ("aten::_to_copy", "aten::copy_") and e.input_shapes
+    ]
+    assert cache_shape not in casts and [3 * d, d] not in casts, casts
+    for cache, (keys, weight) in zip(state.caches, before, strict=True):
+        assert cache.keys.dtype == cache.values.dtype == torch.bfloat16
+        assert cache.weight(torch.bfloat16).dtype == torch.bfloat16
+        assert (cache.keys.data_ptr(), cache.weight(torch.bfloat16).data_ptr()) == (keys, weight)
