@@ -62,6 +62,9 @@ class ImageTransformerConfig:
     # superres: add an embedding of the low-resolution pixel that covers each output position
     # to the decoder's input at that position (docs/model.md, Departures)
     low_res_signal: bool = False
+    # add an embedding of the value directly above each position (same column and channel, one
+    # row up, generated earlier in every attention type's order) to the decoder's input there
+    above_signal: bool = False
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]

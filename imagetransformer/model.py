@@ -133,6 +133,18 @@ def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.T
     return rows, per_pixel * centre_x + channel % per_pixel
 
 
+def above_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
+    """[N]: for each generation step, the step that generated the value directly above the one
+    it predicts (same column of the position grid, one row up), or -1 in the first row. Every
+    attention type's order generates a row's values after the row above them."""
+    rows, cols = config.grid_shape
+    raster = order.long()
+    steps = torch.argsort(order)[(raster - cols).clamp(min=0)]
+    above = torch.where(raster >= cols, steps, -1)
+    assert bool((above < torch.arange(len(order))).all()), "the value above comes later"
+    return above
+
+
 def covering_pixel(config: ImageTransformerConfig) -> torch.Tensor:
     """[N] for every raster position of the output: the index (in raster order) of the
     low-resolution pixel whose s x s block holds it."""
@@ -207,6 +219,10 @@ class ImageTransformer(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
         superres = config.task == "superres"
         self.encoder = Encoder(config) if superres else None
+        self.above_embed = None
+        if config.above_signal:
+            self.above_embed = self.distribution.embedding(d, order.clone())
+            self.register_buffer("_above", above_steps(config, order), persistent=False)
         self.low_res_embed = None
         if superres and config.low_res_signal:
             self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
@@ -339,6 +355,12 @@ class ImageTransformer(nn.Module):
         per_pixel = self.low_res_embed(tokens).sum(2) * math.sqrt(self.config.d_model)
         return per_pixel[:, self._covering]
 
+    def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
+        *value_shape], generated at `steps` [S]; step -1, the first row, adds nothing)."""
+        emb = self.above_embed(values.long(), steps.clamp(min=0))
+        return emb * (steps >= 0)[:, None].to(emb.dtype)
+
     def conditioning(
         self, labels: torch.Tensor | None, low_res: torch.Tensor | None
     ) -> torch.Tensor | float:
@@ -372,6 +394,8 @@ class ImageTransformer(nn.Module):
         emb = self.embed(seq, steps)
         x = F.pad(emb[:, :-1], (0, 0, 1, 0))  # shift: step i sees the element of step i-1
         x = x + self.position_signal() + self.conditioning(labels, low_res)
+        if self.above_embed is not None:
+            x = x + self.above_signal(seq[:, self._above.clamp(min=0)], self._above)
         x = self.input_dropout(x)
         for block in self.blocks:
             x = block(x, self.pattern, memory)
@@ -559,8 +583,19 @@ class ImageTransformer(nn.Module):
             memory_kvs = [block.cross_attn.memory_keys_values(memory) for block in self.blocks]
         else:
             memory_kvs = [None] * len(self.blocks)
+        values = None
+        if self.above_embed is not None:  # every value so far: the rows above are read again
+            value_shape = self.distribution.value_shape
+            values = torch.zeros(
+                (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
+            )
         return DecodingState(
-            n, caches, memory_kvs, self.position_signal(), self.conditioning(labels, low_res)
+            n,
+            caches,
+            memory_kvs,
+            self.position_signal(),
+            self.conditioning(labels, low_res),
+            values=values,
         )
 
     def decode_step(
@@ -582,6 +617,11 @@ class ImageTransformer(nn.Module):
                 raise ValueError(f"decode_step {step} needs the values of step {step - 1}")
             prev = torch.full((state.batch, 1), step - 1, device=previous.device)
             x = self.embed(previous[:, None].long(), prev)
+            if state.values is not None:
+                state.values[:, step - 1] = previous.long()
+        if self.above_embed is not None:
+            above = self._above[step : step + 1]
+            x = x + self.above_signal(state.values[:, above.clamp(min=0)], above)
         conditioning = state.conditioning
         if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
             conditioning = conditioning[:, step : step + 1]  # it differs from step to step
@@ -717,4 +757,5 @@ class DecodingState:
     memory_kvs: list[tuple[torch.Tensor, torch.Tensor] | None]
     position: torch.Tensor  # [N, d]
     conditioning: torch.Tensor | float  # [n, 1, d] class or [n, N, d] low-res signal, or 0
+    values: torch.Tensor | None = None  # [n, N, *value_shape] the values so far (above_signal)
     next_step: int = 0

@@ -28,10 +28,11 @@ def change_step(images, model, step):
     return raster.view(-1, h, w, c).permute(0, 3, 1, 2).to(torch.uint8)
 
 
+@pytest.mark.parametrize("above", [False, True])
 @pytest.mark.parametrize("backend", ["dense", "blocked"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_causality(kind, backend):
-    config = tiny_config(kind, backend=backend)
+def test_causality(kind, backend, above):
+    config = tiny_config(kind, backend=backend, above_signal=above)
     model = ImageTransformer(config).eval()
     images = random_images(config)
     base = model.logits_in_generation_order(images)
@@ -198,12 +199,13 @@ def test_classify_is_bayes_rule():
         ImageTransformer(tiny_config()).classify(images)
 
 
+@pytest.mark.parametrize("above", [False, True])
 @pytest.mark.parametrize("output", ["cat", "dmol"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output):
+def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output, above):
     """Feeding an image's own values step by step gives the full forward's distribution at
     every step: what a lossless codec needs (encoder and decoder see the same numbers)."""
-    config = tiny_config(kind, output=output, num_classes=3)
+    config = tiny_config(kind, output=output, num_classes=3, above_signal=above)
     model = ImageTransformer(config).eval()
     images, labels = random_images(config, batch=2, seed=4), torch.tensor([2, 0])
     full = model.logits_in_generation_order(images, labels)
@@ -302,3 +304,23 @@ def test_bits_per_subpixel_of_a_superres_model_are_given_the_downsampled_copy():
     assert torch.allclose(bits.double().flatten(1).mean(1), model.bits_per_dim(images).double())
     black = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
     assert not torch.allclose(model.bits_per_subpixel(images, low_res=black), bits)
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_above_signal_is_the_value_one_row_up(kind, output):
+    """Changing one value changes the above signal exactly at the position below it."""
+    config = tiny_config(kind, output=output, above_signal=True)
+    model = ImageTransformer(config).eval()
+    images = random_images(config)
+    rows, cols = config.grid_shape
+    seq = model.to_steps(images)
+    base = model.above_signal(seq[:, model._above.clamp(min=0)], model._above)
+    raster = model.generation_order
+    assert bool((base[:, raster < cols] == 0).all())  # the first row has nothing above
+    step = int(torch.nonzero(raster == cols + 1)[0])  # second row, second column
+    changed = seq.clone()
+    changed[:, step] = (changed[:, step] + 97) % 256
+    after = model.above_signal(changed[:, model._above.clamp(min=0)], model._above)
+    moved = (after - base).abs().amax(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == [int(torch.nonzero(raster == 2 * cols + 1)[0])]

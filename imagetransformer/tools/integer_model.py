@@ -844,6 +844,11 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
     training images, uint8 [B, C, H, W]; with their `labels` for a class-conditional model)."""
     config = model.config
     model = model.cpu() if next(model.parameters()).device.type != "cpu" else model
+    if config.above_signal:
+        raise UserError(
+            "compress does not support models with above_signal yet: compress with a run "
+            "trained without it"
+        )
     if config.num_classes and labels is None:
         raise UserError("a class-conditional model is calibrated on labelled images")
     n = min(len(images), CALIBRATION_IMAGES)
