@@ -42,11 +42,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("codec") / "run"
-    argv = ["train", "--preset", "tiny", "--quiet", "--set", "max_steps=40"]
-    assert main([*argv, "--set", "eval_every=0", "--set", "sample_count=0", "--out", str(out)]) == 0
-    return out
+def trained(tmp_path_factory):
+    """A run of the tiny preset trained 40 steps with these `--set` options, once per module."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def train(*options: str) -> Path:
+        if options not in runs:
+            out = tmp_path_factory.mktemp("codec") / "run"
+            argv = ["train", "--preset", "tiny", "--quiet", "--out", str(out)]
+            for option in ("max_steps=40", "eval_every=0", "sample_count=0", *options):
+                argv += ["--set", option]
+            assert main(argv) == 0
+            runs[options] = out
+        return runs[options]
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def run(trained) -> Path:
+    return trained()
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +69,11 @@ def digits() -> torch.Tensor:
     return load_dataset("mnist5k", "test", image_size=8).images[:64]
 
 
+@pytest.mark.parametrize("above_signal", [False, True], ids=["plain", "above_signal"])
 @pytest.mark.parametrize("output", ["cat", "dmol"])
-def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output):
-    model = ImageTransformer(tiny_config("local_2d", output=output)).eval()
+def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output, above_signal):
+    config = tiny_config("local_2d", output=output, above_signal=above_signal)
+    model = ImageTransformer(config).eval()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 4, 6), generator=g, dtype=torch.uint8)
     images[0] = 0
@@ -169,18 +186,35 @@ def _settings() -> list[tuple[str, str, int]]:
     return settings
 
 
-def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(run, digits, tmp_path):
+# the runs checked under other kernels: the tiny preset under every setting; with above_signal
+# (both outputs) under the default kernels, one image at a time
+KERNEL_RUNS = {
+    "tiny": (),
+    "above_signal cat": ("above_signal=true",),
+    "above_signal dmol": ("above_signal=true", "output=dmol"),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_RUNS)
+def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(
+    case, trained, digits, tmp_path
+):
     """Written here (default kernels, one thread, groups of 4), decoded in fresh processes with
     other CPU kernels (ATEN_CPU_CAPABILITY), thread counts and batch sizes: the same images, and
     the integer model's frequency tables of every step identical (torch.equal, by SHA-256).
     Quantizing the run there gives the same integer model (power-of-two scales)."""
+    run = trained(*KERNEL_RUNS[case])
+    settings = _settings() if case == "tiny" else _settings()[:1]
     images = digits[:12]
     integer = quantized(run, torch.device("cpu"), note=lambda _: None)
+    assert integer.config.above_signal == case.startswith("above_signal")
+    packed = compress(integer, images, batch_size=4)
+    assert packed.stored == 0  # every image goes through the coder
     itc = tmp_path / "digits.itc"
-    itc.write_bytes(compress(integer, images, batch_size=4).data)
+    itc.write_bytes(packed.data)
     torch.save(images, tmp_path / "images.pt")
     reference = frequency_digest(integer, images, 4)
-    for capability, threads, batch in _settings():
+    for capability, threads, batch in settings:
         env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=threads)
         out = tmp_path / f"out_{capability}"
         command = [sys.executable, "-c", DECODE_ELSEWHERE, str(run), str(tmp_path / "images.pt")]

@@ -46,7 +46,7 @@ from ..config import ImageTransformerConfig
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..layout import area_downsample, images_to_raster, raster_channel
-from ..model import covering_pixel
+from ..model import above_steps, covering_pixel
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
 
@@ -522,12 +522,42 @@ class DecodingState:
     caches: list[Cache]
     memory_kvs: list  # per block: the encoder's keys and values (super-resolution), or None
     conditioning: torch.Tensor | None  # [n, 1 or N, d]: the class and low-resolution signals
+    values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
     next_step: int = 0
 
 
 def table_of(store: Store, name: str, weight: torch.Tensor, scale: float, unit: float) -> None:
     """An embedding table times `scale`, in the residual stream's units."""
     store.put(name, (weight.detach().double() * scale / unit).clamp(-RES_MAX, RES_MAX))
+
+
+class Embedding:
+    """An input embedding of values in integers (the decoder's input and the above signal): a
+    table row per (channel, intensity) times sqrt(d) (cat), or the integer linear layer and
+    ReLU over the pixel's intensities on the [-1, 1] scale, 2v - 255 in units of 1/255 (dmol);
+    in the residual stream's units."""
+
+    @staticmethod
+    def make(store: Store, name: str, embedding: nn.Module, config, unit: float) -> None:
+        if config.output == "cat":
+            table_of(store, name, embedding.weight, math.sqrt(config.d_model), unit)
+        else:
+            Linear.make(store, name, embedding, 1 / 255, 255, unit, 0, RES_MAX)
+
+    def __init__(self, store: Store, name: str, device: torch.device, config, order) -> None:
+        self.table = self.linear = None
+        if config.output == "cat":
+            self.table = store.get(name, device)
+            self.step_channel = (order % config.image_shape[0]).to(device)
+        else:
+            self.linear = Linear(store, name, device)
+
+    def __call__(self, values: torch.Tensor, step: int) -> torch.Tensor:
+        """[n, d]: the embedding of `values` ([n] intensities or [n, C] pixels) generated at
+        step `step`."""
+        if self.table is not None:
+            return self.table[self.step_channel[step] * 256 + values.long()]
+        return self.linear(2 * values.long() - 255)
 
 
 class Encoder:
@@ -564,9 +594,9 @@ class Encoder:
 
 class IntegerModel:
     """An integer twin of an `ImageTransformer`'s decoding step (both outputs; unconditional,
-    class-conditional and super-resolution models). `start` and `step` give the head's integer
-    outputs step by step; `coding` turns them into the integer frequencies of each channel in
-    turn."""
+    class-conditional and super-resolution models, with or without the above signal). `start`
+    and `step` give the head's integer outputs step by step; `coding` turns them into the
+    integer frequencies of each channel in turn."""
 
     def __init__(
         self, config: ImageTransformerConfig, store: Store, device: torch.device | str = "cpu"
@@ -582,11 +612,13 @@ class IntegerModel:
         self.channels = config.image_shape[0]
         self.num_mixtures = config.num_mixtures
         self.position = store.get("position", device)
-        if config.output == "cat":
-            self.embed_table = store.get("embed", device)
-            self.step_channel = self.generation_order % self.channels
-        else:
-            self.embed_linear = Linear(store, "embed", device)
+        order = self.generation_order
+        self.embed = Embedding(store, "embed", device, config, order)
+        self.above_embed = None
+        if config.above_signal:
+            self.above_embed = Embedding(store, "above_embed", device, config, order)
+            # per step, the step of the value directly above (-1: the first row), on the host
+            self.above = above_steps(config, self.pattern.generation_order).tolist()
         self.blocks = [
             Block(store, f"blocks.{i}", device, config) for i in range(config.num_layers)
         ]
@@ -701,7 +733,11 @@ class IntegerModel:
                 tokens = pixels + 256 * torch.arange(pixels.shape[-1], device=self.device)
                 signal = self.low_res_table[tokens].sum(2)[:, self.covering]  # [n, N, d]
                 conditioning = signal if conditioning is None else conditioning + signal
-        return DecodingState(n, caches, memory_kvs, conditioning)
+        values = None
+        if self.above_embed is not None:  # every value so far: the rows above are read again
+            shape = (n, c.num_positions, *self.distribution.value_shape)
+            values = torch.zeros(shape, dtype=torch.long, device=self.device)
+        return DecodingState(n, caches, memory_kvs, conditioning, values)
 
     def step(self, state: DecodingState, step: int, previous: torch.Tensor | None):
         """The head's integer outputs [n, P] for generation step `step` given the values of step
@@ -710,10 +746,12 @@ class IntegerModel:
             raise ValueError(f"step expected {state.next_step}, got {step}")
         x = self.position[step].expand(state.batch, -1)
         if step > 0:
-            if self.config.output == "cat":
-                x = x + self.embed_table[self.step_channel[step - 1] * 256 + previous.long()]
-            else:
-                x = x + self.embed_linear(2 * previous.long() - 255)
+            x = x + self.embed(previous, step - 1)
+            if state.values is not None:
+                state.values[:, step - 1] = previous.long()
+        if self.above_embed is not None and self.above[step] >= 0:
+            above = self.above[step]
+            x = x + self.above_embed(state.values[:, above], above)
         if state.conditioning is not None:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
@@ -844,11 +882,6 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
     training images, uint8 [B, C, H, W]; with their `labels` for a class-conditional model)."""
     config = model.config
     model = model.cpu() if next(model.parameters()).device.type != "cpu" else model
-    if config.above_signal:
-        raise UserError(
-            "compress does not support models with above_signal yet: compress with a run "
-            "trained without it"
-        )
     if config.num_classes and labels is None:
         raise UserError("a class-conditional model is calibrated on labelled images")
     n = min(len(images), CALIBRATION_IMAGES)
@@ -868,10 +901,9 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
     d = config.d_model
     with torch.no_grad():
         table_of(store, "position", model.position_signal(), 1.0, unit)
-        if config.output == "cat":
-            table_of(store, "embed", model.embed.weight, math.sqrt(d), unit)
-        else:
-            Linear.make(store, "embed", model.embed, 1 / 255, 255, unit, 0, RES_MAX)
+        Embedding.make(store, "embed", model.embed, config, unit)
+        if model.above_embed is not None:
+            Embedding.make(store, "above_embed", model.above_embed, config, unit)
         if model.class_embed is not None:
             table_of(store, "class_embed", model.class_embed.weight, math.sqrt(d), unit)
         if model.low_res_embed is not None:
