@@ -233,6 +233,7 @@ PRESETS: dict[str, Preset] = {
             block_length=64,
             memory_length=128,
             norm_first=True,
+            above_signal=True,
         ),
         dict(
             batch_size=8,
@@ -246,7 +247,8 @@ PRESETS: dict[str, Preset] = {
             hflip=True,
         ),
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
-        "per pixel, local 1D over 2-row blocks with 4 rows of memory, 4 layers d=64, "
+        "per pixel, local 1D over 2-row blocks with 4 rows of memory, the value above in the "
+        "input, 4 layers d=64, "
         "~10 min on 2 cores",
         data=PresetData("cifar10"),
     ),
