@@ -50,7 +50,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagetransformer import ImageTransformer  # noqa: E402
-from imagetransformer.evaluation import classification_accuracy, evaluate  # noqa: E402
+from imagetransformer.evaluation import classification_accuracy, classify, evaluate  # noqa: E402
 from imagetransformer.layout import area_downsample  # noqa: E402
 from imagetransformer.metrics import consistency, psnr  # noqa: E402
 from imagetransformer.run import Run  # noqa: E402
@@ -205,7 +205,7 @@ def labels(args: argparse.Namespace) -> dict:
         wanted = torch.full((args.per_class,), label)
         samples = model.sample(args.per_class, temperature=1.0, labels=wanted, generator=generator)
         for start in range(0, args.per_class, 64):
-            predicted = judge.classify(samples[start : start + 64]).argmax(dim=1)
+            predicted = classify(judge, samples[start : start + 64]).argmax(dim=1)
             correct[label] += int((predicted == label).sum())
     test = run.load_split("test")
     result = {

@@ -70,6 +70,37 @@ def class_log_prior(labels: torch.Tensor | None, num_classes: int) -> torch.Tens
     return torch.log(counts / counts.sum())
 
 
+def classify(
+    model: ImageTransformer, images: torch.Tensor, log_prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log p(y | x) for every class, [B, K]: Bayes' rule over the class-conditional model.
+
+    `log_prior` [K] is log p(y), e.g. the training set's class frequencies (default: uniform).
+    One forward pass per class; log p(x | y) is summed over all sub-pixels. Exact whatever mode
+    the model is in.
+    """
+    k = model.config.num_classes
+    if k == 0:
+        raise UserError("classify needs a class-conditional model (num_classes > 0)")
+    values = model.check_images(images)
+    batch = values.shape[0]
+    with model.evaluating():
+        log_px_given_y = torch.stack(
+            [
+                -model.nll(images, torch.full((batch,), y, device=values.device))
+                .double()
+                .flatten(1)
+                .sum(1)
+                for y in range(k)
+            ],
+            dim=1,
+        )
+    if log_prior is None:
+        log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
+    joint = log_px_given_y + log_prior.to(log_px_given_y.device, torch.float64)
+    return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
 def classification_accuracy(
     model: ImageTransformer,
     dataset: ImageDataset,
@@ -86,6 +117,6 @@ def classification_accuracy(
     correct = 0
     for start in range(0, n, batch_size):
         images, labels = dataset.batch(torch.arange(start, min(start + batch_size, n)))
-        predicted = model.classify(images.to(device), log_prior).argmax(dim=1).cpu()
+        predicted = classify(model, images.to(device), log_prior).argmax(dim=1).cpu()
         correct += int((predicted == labels).sum())
     return {"accuracy": correct / n, "images": n, "num_classes": k, "chance": 1 / k}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,47 +482,19 @@ class ImageTransformer(nn.Module):
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
-        log_prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Bits of every channel intensity [B, C, H, W], float32: how surprising each sub-pixel
         is given everything generated before it. Their mean over C, H, W is `bits_per_dim`.
 
         The mixture-of-logistics output spreads a pixel's bits over its channels by the chain
         rule of the mixture (`LogisticMixture.nll_per_subpixel`). A class-conditional model
-        given no labels scores the marginal p(x) = sum_y p(y) p(x | y) under `log_prior` [K]
-        (default uniform): step by step, -log2 p(x_i | x_<i) with the classes weighted by
-        their posterior given the earlier steps. Exact whatever mode the model is in.
+        needs the labels; `tools.score.marginal_bits_per_subpixel` scores p(x) summed over the
+        classes. Exact whatever mode the model is in.
         """
-        k = self.config.num_classes
         with self.evaluating():
-            if k == 0 or labels is not None:
-                params = self.forward(images, labels, low_res=low_res)
-                nats = self.distribution.nll_per_subpixel(params, images.long())
-                return (nats / math.log(2)).float()
-            batch = self.check_images(images).shape[0]
-            if log_prior is None:
-                log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
-            log_prior = log_prior.to(images.device, torch.float64)
-            cumulative = []  # log p(x_<=t | y) along generation order, per class
-            for y in range(k):
-                label = torch.full((batch,), y, device=images.device)
-                params = self.forward(images, label, low_res=low_res)
-                nats = self.distribution.nll_per_subpixel(params, images.long())
-                cumulative.append(log_prior[y] - self._in_order(nats).cumsum(1))
-            marginal = torch.logsumexp(torch.stack(cumulative), dim=0)  # log p(x_<=t)
-            steps = -(marginal - F.pad(marginal[:, :-1], (1, 0)))
-        return (self._from_order(steps) / math.log(2)).float()
-
-    def _in_order(self, per_subpixel: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, C*H*W] in generation order (a pixel's channels in order)."""
-        return self.distribution.to_sequence(per_subpixel)[:, self.generation_order].flatten(1)
-
-    def _from_order(self, steps: torch.Tensor) -> torch.Tensor:
-        """The inverse of `_in_order`."""
-        values = steps.view(
-            steps.shape[0], self.config.num_positions, *self.distribution.value_shape
-        )
-        return self.distribution.to_images(values[:, self.inverse_order])
+            params = self.forward(images, labels, low_res=low_res)
+            nats = self.distribution.nll_per_subpixel(params, images.long())
+        return (nats / math.log(2)).float()
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[ImageTransformer]:
@@ -534,34 +506,6 @@ class ImageTransformer(nn.Module):
                 yield self
         finally:
             self.train(was_training)
-
-    def classify(self, images: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(y | x) for every class, [B, K]: Bayes' rule over the class-conditional model.
-
-        `log_prior` [K] is log p(y), e.g. the training set's class frequencies (default:
-        uniform). One forward pass per class; log p(x | y) is summed over all sub-pixels.
-        Exact whatever mode the model is in.
-        """
-        k = self.config.num_classes
-        if k == 0:
-            raise UserError("classify needs a class-conditional model (num_classes > 0)")
-        values = self.check_images(images)
-        batch = values.shape[0]
-        with self.evaluating():
-            log_px_given_y = torch.stack(
-                [
-                    -self.nll(images, torch.full((batch,), y, device=values.device))
-                    .double()
-                    .flatten(1)
-                    .sum(1)
-                    for y in range(k)
-                ],
-                dim=1,
-            )
-        if log_prior is None:
-            log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
-        joint = log_px_given_y + log_prior.to(log_px_given_y.device, torch.float64)
-        return joint - torch.logsumexp(joint, dim=1, keepdim=True)
 
     # Decoding step by step ---------------------------------------------------------------------
     def start_decoding(
@@ -638,46 +582,14 @@ class ImageTransformer(nn.Module):
         return self.pattern.dense_mask()
 
     # Sampling ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        temperature: float = 1.0,
-        labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        prefix: torch.Tensor | None = None,
-        keep: int = 0,
-        low_res: torch.Tensor | None = None,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """n uint8 images [n, C, H, W], one position per step in `generation_order`.
-
-        `temperature` divides the logits (dmol: scales the mixture logits and the logistic
-        scales); `top_k` / `top_p` optionally filter them (0 / 1.0: off; categorical only).
-        With `prefix` (uint8 [n, C, H, W]) the first `keep` generation steps are copied from it
-        (completion, see `complete`). A super-resolution model needs `low_res` [n, C, h, w]
-        (see `upscale`). `on_step(steps_done, values)` watches the image grow (see
-        `sampling.sample`).
-        """
+    def sample(self, n: int, temperature: float = 1.0, **options) -> torch.Tensor:
+        """n uint8 images [n, C, H, W], one position per step in `generation_order`: the
+        cached sampler, `sampling.sample(self, n, temperature=..., **options)`, whose
+        docstring lists the options (labels, generator, top_k, top_p, prefix and keep,
+        low_res, progress, on_step)."""
         from .sampling import sample
 
-        return sample(
-            self,
-            n,
-            temperature=temperature,
-            labels=labels,
-            prefix=prefix,
-            keep=keep,
-            low_res=low_res,
-            generator=generator,
-            progress=progress,
-            top_k=top_k,
-            top_p=top_p,
-            on_step=on_step,
-        )
+        return sample(self, n, temperature=temperature, **options)
 
     def keep_positions(self, fraction: float) -> int:
         """How many generation steps make up the first `fraction` of the image, in whole rows.

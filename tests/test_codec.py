@@ -21,6 +21,7 @@ from PIL import Image
 from imagetransformer import ImageTransformer, UserError
 from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
+from imagetransformer.evaluation import classify
 from imagetransformer.files import WriteError
 from imagetransformer.tools.codec import (
     best_labels,
@@ -130,7 +131,7 @@ def test_a_class_conditional_model_folder_codes_with_the_likeliest_labels(tmp_pa
         assert np.array_equal(np.asarray(Image.open(out / f"image_{i:05d}.png")), image[0])
     integer = quantized(tmp_path / "model", torch.device("cpu"), note=lambda _: None)
     _, labels = decompress(integer, packed.read_bytes(), with_labels=True)
-    assert torch.equal(labels, model.eval().classify(images).argmax(1))
+    assert torch.equal(labels, classify(model.eval(), images).argmax(1))
     assert torch.equal(best_labels(model, images), labels)
 
 

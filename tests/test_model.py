@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from imagetransformer import ImageTransformer, UserError
+from imagetransformer.evaluation import classify
 from imagetransformer.layout import images_to_raster
 from imagetransformer.model import timing_signal
+from imagetransformer.tools.score import marginal_bits_per_subpixel
 
 from .helpers import ATTENTION_CONFIGS, tiny_config
 
@@ -187,7 +189,7 @@ def test_classify_is_bayes_rule():
     model = ImageTransformer(tiny_config(num_classes=3)).eval()
     images = random_images(model.config, batch=2)
     log_prior = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    posterior = model.classify(images, log_prior)
+    posterior = classify(model, images, log_prior)
     assert posterior.shape == (2, 3)
     assert torch.allclose(posterior.exp().sum(1), torch.ones(2, dtype=torch.float64))
     log_px = torch.stack(
@@ -196,7 +198,7 @@ def test_classify_is_bayes_rule():
     expected = torch.log_softmax(log_px + log_prior.double(), dim=1)
     assert torch.allclose(posterior, expected, atol=1e-6)
     with pytest.raises(UserError, match="class-conditional"):
-        ImageTransformer(tiny_config()).classify(images)
+        classify(ImageTransformer(tiny_config()), images)
 
 
 @pytest.mark.parametrize("above", [False, True])
@@ -227,10 +229,10 @@ def test_likelihoods_are_exact_in_train_mode():
     model = ImageTransformer(config)
     images = random_images(config, batch=3)
     model.eval()
-    bpd, posterior = model.bits_per_dim(images, torch.tensor([0, 1, 1])), model.classify(images)
+    bpd, posterior = model.bits_per_dim(images, torch.tensor([0, 1, 1])), classify(model, images)
     model.train()
     assert torch.equal(model.bits_per_dim(images, torch.tensor([0, 1, 1])), bpd)
-    assert torch.equal(model.classify(images), posterior)
+    assert torch.equal(classify(model, images), posterior)
     assert model.training  # the mode is given back
 
 
@@ -283,7 +285,7 @@ def test_marginal_bits_of_a_conditional_model_sum_to_the_mixture_over_classes():
     torch.nn.init.normal_(model.class_embed.weight, std=0.5)  # classes that matter
     images = random_images(config, batch=2, seed=7)
     prior = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
-    marginal = model.bits_per_subpixel(images, log_prior=prior).double().flatten(1).sum(1)
+    marginal = marginal_bits_per_subpixel(model, images, log_prior=prior).double().flatten(1).sum(1)
     per_class = torch.stack(
         [
             -model.bits_per_dim(images, torch.full((2,), y)).double() * images[0].numel()

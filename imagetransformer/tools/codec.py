@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..evaluation import classify
 from ..files import WriteError
 from ..layout import area_downsample
 from ..model import ImageTransformer
@@ -307,7 +308,7 @@ def best_labels(model: ImageTransformer, images: torch.Tensor, batch_size: int =
     """The likeliest class of each image under a class-conditional float model (the label the
     file then stores): the one it codes the image with in the fewest bits."""
     chunks = [
-        model.classify(images[start : start + batch_size].to(model.head.weight.device)).argmax(1)
+        classify(model, images[start : start + batch_size].to(model.head.weight.device)).argmax(1)
         for start in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks).cpu()

@@ -59,6 +59,36 @@ class Scores:
         }
 
 
+def marginal_bits_per_subpixel(
+    model: ImageTransformer,
+    images: torch.Tensor,
+    low_res: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bits [B, C, H, W] of every sub-pixel under a class-conditional model's marginal
+    p(x) = sum_y p(y) p(x | y), `log_prior` [K] (default uniform): step by step,
+    -log2 p(x_i | x_<i) with the classes weighted by their posterior given the earlier steps.
+    Their sum over an image is -log2 p(x)."""
+    k = model.config.num_classes
+    if k == 0:
+        return model.bits_per_subpixel(images, low_res=low_res)
+    batch = model.check_images(images).shape[0]
+    if log_prior is None:
+        log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
+    log_prior = log_prior.to(images.device, torch.float64)
+    distribution = model.distribution
+    cumulative = []  # log p(x_<=t | y) along generation order, per class
+    for y in range(k):
+        label = torch.full((batch,), y, device=images.device)
+        nats = model.bits_per_subpixel(images, label, low_res).double() * math.log(2)
+        in_order = distribution.to_sequence(nats)[:, model.generation_order].flatten(1)
+        cumulative.append(log_prior[y] - in_order.cumsum(1))
+    marginal = torch.logsumexp(torch.stack(cumulative), dim=0)  # log p(x_<=t)
+    steps = -(marginal - torch.nn.functional.pad(marginal[:, :-1], (1, 0)))
+    values = steps.view(batch, model.config.num_positions, *distribution.value_shape)
+    return (distribution.to_images(values[:, model.inverse_order]) / math.log(2)).float()
+
+
 def score(
     model: ImageTransformer,
     dataset: ImageDataset,
@@ -84,9 +114,12 @@ def score(
     chunks = []
     for start in tqdm(range(0, n, batch_size), desc="score", disable=not progress, leave=False):
         images, labels = dataset.batch(torch.arange(start, min(start + batch_size, n)))
-        given = labels.to(device) if conditional and not marginal else None
-        prior = log_prior if conditional and marginal else None
-        chunks.append(model.bits_per_subpixel(images.to(device), given, log_prior=prior).cpu())
+        if conditional and marginal:
+            bits = marginal_bits_per_subpixel(model, images.to(device), log_prior=log_prior)
+        else:
+            given = labels.to(device) if conditional else None
+            bits = model.bits_per_subpixel(images.to(device), given)
+        chunks.append(bits.cpu())
     labels = dataset.labels[:n] if dataset.labels is not None else None
     ids = dataset.ids[:n] if dataset.ids is not None else [str(i) for i in range(n)]
     return Scores(torch.cat(chunks), labels, dataset.images[:n], ids)
