@@ -227,11 +227,12 @@ class Run:
         overrides: list[str] | None = None,
         data: str | None = None,
         preset: str | None = None,
+        crops: int | None = None,
     ) -> Run:
         """An existing run to continue, with the settings a resume may change.
 
         Refuses by name a setting that would change the model or the steps already taken, and
-        a `--data`/`--preset` other than the recorded one.
+        a `--data`/`--preset`/`--crops` other than the recorded one.
         """
         run = cls.open(path)
         for text in overrides or []:
@@ -244,6 +245,7 @@ class Run:
         for option, given, recorded in (
             ("--data", data, run.info.data),
             ("--preset", preset, run.info.preset),
+            ("--crops", crops, run.info.crops or 0),
         ):
             if given is not None and given != recorded:
                 raise UserError(

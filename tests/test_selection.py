@@ -53,27 +53,31 @@ def test_a_folder_holds_out_validation_from_its_train_part(tmp_path):
         load_run_split(options, str(tmp_path), "validation", 0.0)
 
 
-def _overfitting_trainer(tmp_path, name, max_steps, digits8):
-    """16 training digits, 32 validation digits: validation bits/dim rises within 80 steps."""
-    info = RunInfo(
-        train=TrainConfig(
-            batch_size=8,
-            max_steps=max_steps,
-            learning_rate=0.5,
-            warmup_steps=10,
-            eval_every=20,
-            checkpoint_every=10,
-            sample_count=0,
-            seed=3,
-        ),
-        data="mnist5k",
-        image_size=8,
-    )
-    config = tiny_config("local_1d", image_shape=(1, 8, 8), d_model=32)
-    train = ImageDataset(digits8.images[:16], None, None, "digits16")
-    validation = ImageDataset(digits8.images[100:132], None, None, "digits32")
+def _digits_trainer(tmp_path, name, train, validation=None, config=None, **settings) -> Trainer:
+    """A trainer of a tiny 8x8 model on `train` (and `validation`), with `settings` of
+    TrainConfig (no sample grids)."""
+    info = RunInfo(train=TrainConfig(sample_count=0, **settings), data="mnist5k", image_size=8)
+    config = config or tiny_config("local_1d", image_shape=(1, 8, 8))
     run = Run(tmp_path / name, config, info)
     return Trainer(run, train, None, progress=False, validation_set=validation)
+
+
+def _overfitting_trainer(tmp_path, name, max_steps, digits8):
+    """16 training digits, 32 validation digits: validation bits/dim rises within 80 steps."""
+    return _digits_trainer(
+        tmp_path,
+        name,
+        ImageDataset(digits8.images[:16], None, None, "digits16"),
+        ImageDataset(digits8.images[100:132], None, None, "digits32"),
+        config=tiny_config("local_1d", image_shape=(1, 8, 8), d_model=32),
+        batch_size=8,
+        max_steps=max_steps,
+        learning_rate=0.5,
+        warmup_steps=10,
+        eval_every=20,
+        checkpoint_every=10,
+        seed=3,
+    )
 
 
 def test_best_validation_weights_are_kept_the_warning_said_once_and_resume_is_exact(
@@ -138,13 +142,7 @@ def test_best_validation_weights_are_kept_the_warning_said_once_and_resume_is_ex
 
 
 def test_a_run_without_validation_keeps_its_last_weights(tmp_path, digits8):
-    info = RunInfo(
-        train=TrainConfig(max_steps=6, eval_every=3, checkpoint_every=3, sample_count=0),
-        data="mnist5k",
-        image_size=8,
-    )
-    config = tiny_config("local_1d", image_shape=(1, 8, 8))
-    trainer = Trainer(Run(tmp_path / "r", config, info), digits8, None, progress=False)
+    trainer = _digits_trainer(tmp_path, "r", digits8, max_steps=6, eval_every=3, checkpoint_every=3)
     trainer.start_new()
     trainer.fit(log=False)
     saved = load_file(tmp_path / "r" / "model.safetensors")
@@ -185,23 +183,19 @@ def test_flips_are_a_function_of_seed_and_step_whatever_the_processes(digits8):
 
 def test_mirrored_images_are_trained_on_and_resume_stays_exact(tmp_path, digits8):
     def trainer(name: str, steps: int) -> Trainer:
-        info = RunInfo(
-            train=TrainConfig(
-                batch_size=8,
-                max_steps=steps,
-                learning_rate=0.5,
-                warmup_steps=5,
-                eval_every=0,
-                checkpoint_every=4,
-                sample_count=0,
-                validation_fraction=0.0,
-                hflip=True,
-            ),
-            data="mnist5k",
-            image_size=8,
+        return _digits_trainer(
+            tmp_path,
+            name,
+            digits8,
+            batch_size=8,
+            max_steps=steps,
+            learning_rate=0.5,
+            warmup_steps=5,
+            eval_every=0,
+            checkpoint_every=4,
+            validation_fraction=0.0,
+            hflip=True,
         )
-        config = tiny_config("local_1d", image_shape=(1, 8, 8))
-        return Trainer(Run(tmp_path / name, config, info), digits8, None, progress=False)
 
     seen = []
     straight = trainer("straight", 10)

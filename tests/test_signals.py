@@ -39,6 +39,23 @@ def _log_steps(run: Path) -> int:
     return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
 
 
+def _signal_after(command: list[str], run: Path, steps: int, sent: int, env: dict, wait: float):
+    """Start `command`, send `sent` once the run has logged `steps` steps; (code, out, err)."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + wait
+        while _log_steps(run) < steps and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(sent)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_writes_its_checkpoint_and_resume_is_exact(sent, tmp_path):
     run = tmp_path / "run"
@@ -46,19 +63,8 @@ def test_a_signal_finishes_the_step_writes_its_checkpoint_and_resume_is_exact(se
     command += ["--set", "max_steps=100000", "--set", "checkpoint_every=100000"]
     command += ["--set", "eval_every=0", "--set", "log_every=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while _log_steps(run) < 15 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(sent)
-        out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + sent, (out, err)
+    code, out, err = _signal_after(command, run, 15, sent, env, wait=120)
+    assert code == 128 + sent, (out, err)
     stopped = _checkpoint(run)["step"]
     assert stopped >= 15
     name = signal.Signals(sent).name
@@ -139,18 +145,7 @@ def test_sigterm_under_torchrun_stops_every_process_after_the_same_step(tmp_path
     command += ["--set", "checkpoint_every=100000", "--set", "eval_every=0"]
     command += ["--set", "log_every=1", "--set", "batch_size=4"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while _log_steps(run) < 10 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
+    _, out, err = _signal_after(command, run, 10, signal.SIGTERM, env, wait=300)
     checkpoint = _checkpoint(run)
     assert checkpoint["world_size"] == 2 and checkpoint["step"] >= 10
     lines = [line for line in out.splitlines() if line.startswith("stopped by")]

@@ -7,7 +7,6 @@ import time
 
 from .. import distributed
 from ..config import BACKEND_CHOICES, TASKS
-from ..errors import UserError
 from ..presets import DEFAULT_PRESET
 from ..run import Run, default_run_dir
 from ..training import Stopped, Trainer
@@ -91,12 +90,7 @@ def run(args: argparse.Namespace) -> int:
     options = common.data_options(args)
     if args.resume:
         out = args.out or default_run_dir(args.preset or DEFAULT_PRESET, resume=True)
-        the_run = Run.resume(out, settings, data=args.data, preset=args.preset)
-        if args.crops is not None and args.crops != (the_run.info.crops or 0):
-            raise UserError(
-                f"{the_run.path} was trained with --crops {the_run.info.crops or 0}; resume "
-                "without --crops, or start a new run with another --out"
-            )
+        the_run = Run.resume(out, settings, data=args.data, preset=args.preset, crops=args.crops)
     else:
         the_run = Run.new(args.out, args.preset, settings, args.data, options)
     train_set, validation_set, test_set = the_run.load_training_splits(options)
