@@ -407,13 +407,15 @@ class Trainer:
         """Write checkpoint and weights from rank 0; every rank must call it (RNG gather).
         Weights that are not finite are never written: the last good checkpoint stays."""
         self.check_divergence()
-        for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise UserError(
-                    diverged_message(
-                        self.step, f"weight {name} is not finite", self._lr(), self.saved_step
-                    )
+        weights = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in weights.values()])
+        if not bool(finite.all()):  # one read from the device, not one per tensor
+            name = list(weights)[int((~finite).nonzero()[0])]
+            raise UserError(
+                diverged_message(
+                    self.step, f"weight {name} is not finite", self._lr(), self.saved_step
                 )
+            )
         rng: dict[str, torch.Tensor] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
