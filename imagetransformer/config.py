@@ -23,6 +23,9 @@ BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: the fastest that runs here (atten
 POSITION_SIGNALS = ("timing", "learned")
 OUTPUTS = tuple(OUTPUT_TYPES)
 TASKS = ("generate", "superres")
+# where a class-conditional model adds its class embedding: the decoder's input only, or the
+# input of every block (docs/model.md, Departures: the class signal)
+CLASS_SIGNALS = ("input", "every_block")
 
 
 def _as_pair(value: Any, name: str) -> tuple[int, int]:
@@ -54,6 +57,9 @@ class ImageTransformerConfig:
     pos: str = "timing"
     norm_first: bool = False  # post-norm as in the paper; pre-norm trains small models better
     num_classes: int = 0  # 0: unconditional
+    # input: the class embedding is added to the decoder's input (as the paper); every_block:
+    # the same embedding is added again to the residual stream before every later block
+    class_signal: str = "input"
     output: str = "cat"  # cat: 256-way softmax per sub-pixel; dmol: logistic mixture per pixel
     num_mixtures: int = 10  # dmol components
     task: str = "generate"  # generate: p(x) or p(x | y); superres: p(x | area-downsampled x)
@@ -107,6 +113,12 @@ class ImageTransformerConfig:
         _choice("pos", self.pos, POSITION_SIGNALS)
         _choice("output", self.output, OUTPUTS)
         _choice("task", self.task, TASKS)
+        _choice("class_signal", self.class_signal, CLASS_SIGNALS)
+        if self.class_signal != "input" and not self.num_classes:
+            raise UserError(
+                f"class_signal={self.class_signal} needs a class-conditional model "
+                "(--set num_classes=K)"
+            )
         if self.num_mixtures < 1:
             raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
         if self.task == "superres":

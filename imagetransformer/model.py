@@ -344,6 +344,14 @@ class ImageTransformer(nn.Module):
             return 0.0
         return (self.class_embed(labels) * math.sqrt(self.config.d_model))[:, None, :]
 
+    def block_signal(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, 1, d]: what is added to the residual stream before every block after the first:
+        the class signal again with `class_signal="every_block"` (the same table and scale as
+        at the input), else None."""
+        if self.config.class_signal != "every_block" or labels is None:
+            return None
+        return self.class_signal(labels)
+
     def low_res_signal(self, low_res: torch.Tensor | None) -> torch.Tensor | float:
         """[B, N, d]: at each generation step, the embedding of the low-resolution pixel that
         covers the position it predicts (the sum over its channels); 0 without one."""
@@ -397,7 +405,10 @@ class ImageTransformer(nn.Module):
         if self.above_embed is not None:
             x = x + self.above_signal(seq[:, self._above.clamp(min=0)], self._above)
         x = self.input_dropout(x)
-        for block in self.blocks:
+        again = self.block_signal(labels)
+        for i, block in enumerate(self.blocks):
+            if i and again is not None:
+                x = x + again
             x = block(x, self.pattern, memory)
         return self.head(self.final_norm(x))
 
@@ -540,6 +551,7 @@ class ImageTransformer(nn.Module):
             self.position_signal(),
             self.conditioning(labels, low_res),
             values=values,
+            block_signal=self.block_signal(labels),
         )
 
     def decode_step(
@@ -570,9 +582,11 @@ class ImageTransformer(nn.Module):
         if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
             conditioning = conditioning[:, step : step + 1]  # it differs from step to step
         h = x + state.position[step] + conditioning
-        for block, cache, memory_kv in zip(
-            self.blocks, state.caches, state.memory_kvs, strict=True
+        for i, (block, cache, memory_kv) in enumerate(
+            zip(self.blocks, state.caches, state.memory_kvs, strict=True)
         ):
+            if i and state.block_signal is not None:
+                h = h + state.block_signal
             h = block.step(h, step, self.pattern, cache, memory_kv)
         state.next_step = step + 1
         return self.head(self.final_norm(h))[:, 0]
@@ -670,4 +684,5 @@ class DecodingState:
     position: torch.Tensor  # [N, d]
     conditioning: torch.Tensor | float  # [n, 1, d] class or [n, N, d] low-res signal, or 0
     values: torch.Tensor | None = None  # [n, N, *value_shape] the values so far (above_signal)
+    block_signal: torch.Tensor | None = None  # [n, 1, d] added before blocks 2.. (every_block)
     next_step: int = 0

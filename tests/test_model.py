@@ -223,6 +223,40 @@ def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output, ab
             model.decode_step(state, 0, None)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_block_class_signal(kind):
+    """class_signal="every_block": the input's class signal (class_embed[y] * sqrt(d_model)) is
+    added again to the residual stream before every block after the first; the same weights
+    as the input-only model, a different function; causal; the decoding step agrees."""
+    config = tiny_config(kind, num_classes=3, num_layers=3, class_signal="every_block")
+    model = ImageTransformer(config).eval()
+    torch.nn.init.normal_(model.class_embed.weight)  # as after training
+    images, labels = random_images(config, batch=2, seed=5), torch.tensor([1, 2])
+    full = model.logits_in_generation_order(images, labels)
+    # the definition, written out (what an integer twin of the decoder computes)
+    with torch.no_grad():
+        seq = model.to_steps(images)
+        emb = model.embed(seq, torch.arange(seq.shape[1]))
+        c = model.class_embed(labels)[:, None] * math.sqrt(config.d_model)
+        x = torch.nn.functional.pad(emb[:, :-1], (0, 0, 1, 0)) + model.position_signal() + c
+        for i, block in enumerate(model.blocks):
+            x = block(x + c if i else x, model.pattern)
+        assert torch.allclose(model.head(model.final_norm(x)), full, atol=1e-5)
+    once = ImageTransformer(tiny_config(kind, num_classes=3, num_layers=3)).eval()
+    once.load_state_dict(model.state_dict())  # no new weights
+    assert not torch.allclose(once.logits_in_generation_order(images, labels), full, atol=1e-3)
+    n = config.num_positions
+    for step in [0, 7, n // 2, n - 2]:
+        changed = model.logits_in_generation_order(change_step(images, model, step), labels)
+        assert torch.allclose(changed[:, : step + 1], full[:, : step + 1], atol=1e-6, rtol=0)
+    values = model.to_steps(images)
+    with model.evaluating():
+        state = model.start_decoding(2, labels)
+        for step in range(n):
+            params = model.decode_step(state, step, values[:, step - 1] if step else None)
+            assert torch.allclose(params, full[:, step], atol=1e-5), step
+
+
 def test_likelihoods_are_exact_in_train_mode():
     """Dropout is off inside bits_per_dim and classify, whatever mode the model is in."""
     config = tiny_config("local_1d", dropout=0.5, num_classes=2)

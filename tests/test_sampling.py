@@ -9,9 +9,12 @@ from imagetransformer.sampling import sample, sample_reference
 from .helpers import ATTENTION_CONFIGS, tiny_config
 
 
+@pytest.mark.parametrize("signal", ["input", "every_block"])
 @pytest.mark.parametrize("kind", list(ATTENTION_CONFIGS))
-def test_cached_sampler_matches_reference(kind):
-    model = ImageTransformer(tiny_config(kind, image_shape=(3, 4, 6), num_classes=2))
+def test_cached_sampler_matches_reference(kind, signal):
+    config = tiny_config(kind, image_shape=(3, 4, 6), num_classes=2, class_signal=signal)
+    model = ImageTransformer(config)
+    torch.nn.init.normal_(model.class_embed.weight)  # it starts at zero: make it matter
     labels = torch.tensor([0, 1])
     cached, cached_logits = sample(
         model, 2, labels=labels, generator=torch.Generator().manual_seed(3), return_logits=True
