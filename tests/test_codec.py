@@ -266,6 +266,7 @@ def test_refusals_name_the_problem(run, digits):
     data = compress(integer, digits[:4]).data
     other = quantize(ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8))), digits)
     version_1 = b"ITC\x00" + struct.pack("<H", 1) + bytes(32) + struct.pack("<HHHII", 1, 8, 8, 1, 1)
+    version_2 = data[:4] + struct.pack("<H", 2) + data[6:]
     corrupted = bytearray(data)
     corrupted[len(data) // 2] ^= 0xFF  # inside the coder stream: it decodes to something else
     start = len(read_header(data).to_bytes()) + 1  # the stream's words, after its length
@@ -276,6 +277,7 @@ def test_refusals_name_the_problem(run, digits):
         "magic": (integer, b"XXXX" + data[4:]),
         "version 99": (integer, data[:4] + struct.pack("<H", 99) + data[6:]),
         "format version 1 \\(imagetransformer before 2026-12": (integer, version_1),
+        "format version 2 \\(imagetransformer of 2026-12-02": (integer, version_2),
         "bytes too many": (integer, data + b"\x00"),
         "CRC mismatch": (integer, bytes(corrupted)),
         "coder stream does not decode": (integer, invalid),

@@ -36,15 +36,15 @@ from ..runs_io import open_model, open_run
 from .integer_model import CALIBRATION_IMAGES, FREQ_BITS, IntegerModel, quantize
 
 MAGIC = b"ITC\x00"
-VERSION = 2
+VERSION = 3
 FINGERPRINT_BYTES = 8
 RAW, PNG = "raw", "png"
 MAX_DECODED_BYTES = 2**36  # a header that claims more images is corrupted
 PNG_MIN_BYTES = 57  # signature, IHDR, an IDAT and IEND: no PNG file is smaller
-VERSION_1 = (
-    "written by format version 1 (imagetransformer before 2026-12, up to commit 1af6293): "
-    "decompress it with that release; this one reads version 2"
-)
+OLDER_VERSIONS = {  # which release reads the files of an older format version
+    1: "imagetransformer before 2026-12, up to commit 1af6293",
+    2: "imagetransformer of 2026-12-02, up to commit 277ef49 (integer model 1)",
+}
 
 
 def _constriction():
@@ -138,8 +138,12 @@ class Header:
         if reader.data[:4] != MAGIC:
             raise UserError(f"{source} is not an .itc file of this tool (bad magic bytes)")
         version = int.from_bytes(reader.take(6, "the header")[4:], "little")
-        if version == 1:
-            raise UserError(f"{source} was {VERSION_1}")
+        if version in OLDER_VERSIONS:
+            raise UserError(
+                f"{source} was written by format version {version} "
+                f"({OLDER_VERSIONS[version]}): decompress it with that release; this one reads "
+                f"version {VERSION}"
+            )
         if version != VERSION:
             raise UserError(
                 f"{source} has format version {version}; this tool reads version {VERSION}: "

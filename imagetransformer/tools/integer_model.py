@@ -7,18 +7,22 @@ settings), thread counts, batch groupings and devices. This module derives from 
 an integer twin of its decoding step (after Balle, Johnston and Minnen, "Integer networks for
 data compression with latent-variable models", ICLR 2019):
 
-- weights quantised per output channel (at most 16 bits), activations in fixed point (24 bits
-  on the residual stream and LayerNorm outputs, 16 bits for queries, keys, values, attention
-  outputs and hidden units), with power-of-two scales calibrated on a few training images;
-- matrix products on integer-valued float64 tensors whose every partial sum stays below 2^53
-  (checked from the bit widths when the model is made), so any summation order, kernel, thread
-  count or device gives the same exact integers; everything else in int64;
-- rescaling by integer multipliers and rounding shifts; the exponentials of the softmaxes, the
-  logistic CDF and tanh of the mixture output, and the inverse scale exp(-log s) by lookup tables
-  made once, stored with the model (no machine recomputes them); LayerNorm's square root as an
-  exact integer square root;
+- weights quantised per output channel (at most 16 bits), activations integers (24 bits on the
+  residual stream and LayerNorm outputs, fewer for wide models; 16 bits for queries, keys,
+  values, attention outputs and hidden units), with power-of-two scales calibrated on a few
+  training images;
+- every activation a float64 tensor holding integers, and every operation on them either a sum
+  or matrix product of integers whose partial sums stay below 2^53 (checked from the bit widths
+  when the model is made: exact in any order, on any kernel or device), or one IEEE-754 basic
+  operation element by element (+, -, *, /, sqrt, rounding, clamping: correctly rounded, so the
+  same bits everywhere; no fused multiply-add, no exp or log, no reduction of non-integers), or
+  a lookup in a table made once and stored with the model: the softmaxes' 2^(-t), the logistic
+  CDF, tanh and exp(-log s) of the mixture output;
 - each step's distribution as integer frequencies that sum to 2^24 - 256; the coder adds one to
   every symbol, so symbol x has probability exactly (f_x + 1) / 2^24 (see `FREQ_FREE`).
+
+The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
+linear layer, where int64 arithmetic took ten operations.
 
 The tables and weights are kept as named integer tensors (`Store`): the same object is made by
 `quantize` and read back by `IntegerModel.load`, and its SHA-256 (`fingerprint`) names it.
@@ -50,10 +54,9 @@ from ..model import above_steps, covering_pixel
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
 
-FORMAT = "imagetransformer integer model 1"
+FORMAT = "imagetransformer integer model 2"
 EXACT = 2**53  # float64 holds every integer of smaller magnitude exactly
 WEIGHT_MAX = 2**15 - 1  # weights: at most 16 bits, per output channel
-RES_MAX = 2**23 - 1  # the residual stream and LayerNorm outputs: 24 bits
 ACT_MAX = 2**15 - 1  # queries, keys, values, attention outputs, hidden units: 16 bits
 MARGIN = 2.0  # headroom over the largest activation seen in calibration
 CALIBRATION_IMAGES = 64
@@ -85,15 +88,6 @@ MIX_BITS = 24  # mixture weights renormalised to about 2^24
 def rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
     """x / 2^shift rounded (halves up), in integers."""
     return (x + (1 << (shift - 1))) >> shift if shift > 0 else x
-
-
-def isqrt(v: torch.Tensor) -> torch.Tensor:
-    """floor(sqrt(v)) of int64 v in [0, 2^62), exactly: the float estimate is within one of it
-    (v rounds to 53 bits, the square root is correctly rounded), and one correction each way
-    makes it exact on any machine."""
-    r = torch.sqrt(v.double()).long()
-    r = torch.where(r * r > v, r - 1, r)
-    return torch.where((r + 1) * (r + 1) <= v, r + 1, r)
 
 
 def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
@@ -129,23 +123,36 @@ def pow2_scale(max_abs: float, qmax: int) -> float:
     return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
 
 
-# The store: named integers -------------------------------------------------------------------
+# The store: named integers and constants -----------------------------------------------------
 @dataclass
 class Store:
-    """What an integer model is made of: int64 tensors and integers, by name."""
+    """What an integer model is made of: int64 tensors (weights, tables), float64 tensors (the
+    constants of the rescalings, stored bit for bit so that no machine computes them again) and
+    integers, by name."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     ints: dict[str, int] = field(default_factory=dict)
 
     def put(self, name: str, values) -> None:
-        if name in self.tensors:
-            raise ValueError(f"integer model: {name} is set twice")
+        """Integers (floats are rounded to the nearest)."""
         array = np.asarray(values)
         if array.dtype.kind == "f":
             if not np.all(np.isfinite(array)) or np.abs(array).max(initial=0) >= 2**62:
                 raise UserError(f"integer model: {name} is not finite or out of range")
             array = np.rint(array)
-        self.tensors[name] = torch.from_numpy(np.array(array, dtype=np.int64))
+        self._set(name, torch.from_numpy(np.array(array, dtype=np.int64)))
+
+    def put_float(self, name: str, values) -> None:
+        """float64 constants, kept bit for bit."""
+        array = np.array(values, dtype=np.float64)
+        if not np.all(np.isfinite(array)):
+            raise UserError(f"integer model: {name} is not finite")
+        self._set(name, torch.from_numpy(array))
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.tensors:
+            raise ValueError(f"integer model: {name} is set twice")
+        self.tensors[name] = tensor
 
     def put_int(self, name: str, value: int) -> None:
         if name in self.ints:
@@ -155,46 +162,34 @@ class Store:
     def get(self, name: str, device: torch.device) -> torch.Tensor:
         return self.tensors[name].to(device)
 
+    def values(self, name: str, device: torch.device) -> torch.Tensor:
+        """A tensor as float64 (integers below 2^53 stay exact): what the arithmetic runs on."""
+        return self.tensors[name].to(device, torch.float64)
+
     def fingerprint(self, config_json: str) -> bytes:
         digest = hashlib.sha256(FORMAT.encode())
         digest.update(config_json.encode())
         digest.update(json.dumps(self.ints, sort_keys=True).encode())
         for name in sorted(self.tensors):
             tensor = self.tensors[name].contiguous()
-            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.numpy().astype("<i8").tobytes())
+            digest.update(f"{name}:{tuple(tensor.shape)}:{str(tensor.dtype)}".encode())
+            kind = "<f8" if tensor.dtype == torch.float64 else "<i8"
+            digest.update(tensor.numpy().astype(kind).tobytes())
         return digest.digest()
 
 
-class Rescale:
-    """y = round(x * m[o]) for int64 x with |x| <= bound, in integers: x is first shifted to 31
-    bits, then multiplied by a 31-bit multiplier and shifted back (every product < 2^62)."""
-
-    @staticmethod
-    def make(store: Store, name: str, m, bound: float) -> None:
-        m = np.asarray(m, dtype=np.float64)
-        pre = max(0, bit_length_of(bound) - 31)
-        top = float(np.max(m)) * 2.0**pre
-        exponent = math.frexp(top)[1] if top > 0 else -31  # top < 2^exponent
-        shift = min(62, 31 - exponent)
-        if shift < 1:
-            raise UserError(f"integer model: the rescaling of {name} does not fit 64 bits")
-        store.put(f"{name}.mult", np.rint(m * 2.0 ** (pre + shift)))
-        store.put_int(f"{name}.pre", pre)
-        store.put_int(f"{name}.shift", shift)
-
-    def __init__(self, store: Store, name: str, device: torch.device) -> None:
-        self.mult = store.get(f"{name}.mult", device)
-        self.pre = store.ints[f"{name}.pre"]
-        self.shift = store.ints[f"{name}.shift"]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rshift(rshift(x, self.pre) * self.mult, self.shift)
+def residual_max(d_model: int) -> int:
+    """The residual stream's largest magnitude: 24 bits, fewer for wide models, so that a
+    LayerNorm's sum of d squares stays below 2^53 (exact in any order)."""
+    bits = min(23, (52 - (d_model - 1).bit_length()) // 2)
+    return (1 << bits) - 1
 
 
 class Linear:
-    """An integer linear layer: float64 matrix product of integers (exact), int64 bias, rescale
-    to the output's units, clamp."""
+    """An integer linear layer: the exact matrix product of integers plus the integer bias
+    (float64, every partial sum below 2^53), times a per-channel constant to the output's
+    units, rounded and clamped. Four operations, each exact or one correctly rounded IEEE-754
+    operation."""
 
     @staticmethod
     def make(
@@ -209,7 +204,7 @@ class Linear:
     ) -> None:
         weight = layer.weight.detach().cpu().double().numpy()
         fan_in = weight.shape[1]
-        w_max = min(WEIGHT_MAX, (EXACT // 2) // (in_max * fan_in))  # partial sums < 2^52
+        w_max = min(WEIGHT_MAX, (EXACT // 4) // (in_max * fan_in))  # products < 2^51
         if w_max < 127:
             raise UserError(
                 f"integer model: {name} is too wide for exact float64 products ({fan_in} inputs)"
@@ -218,150 +213,149 @@ class Linear:
         w_scale = np.where(largest > 0, largest, 1.0) / w_max
         store.put(f"{name}.weight", np.clip(np.rint(weight / w_scale[:, None]), -w_max, w_max))
         acc_unit = in_unit * w_scale
-        bound = float(in_max) * fan_in * w_max
+        bias = np.zeros(weight.shape[0])
         if layer.bias is not None:
-            bias = np.rint(layer.bias.detach().cpu().double().numpy() / acc_unit)
-            bias = np.clip(bias, -(EXACT // 2), EXACT // 2)
-            store.put(f"{name}.bias", bias)
-            bound += float(np.abs(bias).max(initial=0))
-        Rescale.make(store, name, acc_unit / np.asarray(out_unit, dtype=np.float64), bound)
+            bias = layer.bias.detach().cpu().double().numpy()
+        store.put(f"{name}.bias", np.clip(np.rint(bias / acc_unit), -(EXACT // 4), EXACT // 4))
+        store.put_float(f"{name}.scale", acc_unit / np.asarray(out_unit, dtype=np.float64))
         store.put_int(f"{name}.lo", lo)
         store.put_int(f"{name}.hi", hi)
 
     def __init__(self, store: Store, name: str, device: torch.device) -> None:
-        self.weight = store.get(f"{name}.weight", device).double()  # exact: |w| < 2^15
-        bias = store.tensors.get(f"{name}.bias")
-        self.bias = None if bias is None else bias.to(device)
-        self.rescale = Rescale(store, name, device)
+        self.weight = store.values(f"{name}.weight", device)
+        self.bias = store.values(f"{name}.bias", device)
+        self.scale = store.get(f"{name}.scale", device)
         self.lo, self.hi = store.ints[f"{name}.lo"], store.ints[f"{name}.hi"]
 
+    def rows(self, part: slice) -> Linear:
+        """The layer of some of the outputs (the query, or the keys and values, of a stacked
+        projection)."""
+        other = object.__new__(Linear)
+        other.weight, other.bias = self.weight[part], self.bias[part]
+        other.scale, other.lo, other.hi = self.scale[part], self.lo, self.hi
+        return other
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = F.linear(x.double(), self.weight).long()
-        if self.bias is not None:
-            acc = acc + self.bias
-        return self.rescale(acc).clamp(self.lo, self.hi)
+        return (
+            F.linear(x, self.weight, self.bias).mul_(self.scale).round_().clamp_(self.lo, self.hi)
+        )
 
 
 class LayerNorm:
-    """LayerNorm in integers: u = d x - sum(x) (exact), its norm by an exact integer square root,
-    u * sqrt(d) / norm in 2^-24, then gain and bias per channel and a rescale."""
+    """LayerNorm of integers: the sum and the sum of squares exact, the variance, its square
+    root and the per-channel gain and bias each one correctly rounded float64 operation, the
+    result rounded to the output's integers."""
 
     @staticmethod
-    def make(store: Store, name: str, norm: nn.LayerNorm, unit: float) -> None:
+    def make(store: Store, name: str, norm: nn.LayerNorm, unit: float, res_max: int) -> None:
         d = norm.normalized_shape[0]
-        log_d = (d - 1).bit_length()
-        u_bits = (2 * d * RES_MAX).bit_length()
-        shift = max(0, u_bits - (61 - log_d) // 2)  # so that d * u^2 < 2^62
-        gain = norm.weight.detach().cpu().double().numpy()
-        bias = norm.bias.detach().cpu().double().numpy()
-        g_scale = max(float(np.abs(gain).max()), 1e-30) / WEIGHT_MAX
-        acc_unit = g_scale * 2.0**-LN_FRAC
-        store.put(f"{name}.gain", np.rint(gain / g_scale))
-        bias_q = np.clip(np.rint(bias / acc_unit), -(2**52), 2**52)
-        store.put(f"{name}.bias", bias_q)
-        eps = norm.eps * float(d) ** 3 / (unit * unit * 4.0**shift)
-        store.put_int(f"{name}.eps", int(min(max(round(eps), 1), 2**60)))
-        store.put_int(f"{name}.sqrt_d", round(math.sqrt(d) * 2**LN_FRAC))
-        store.put_int(f"{name}.u_shift", shift)
-        bound = (math.sqrt(d) * 2**LN_FRAC + 1) * WEIGHT_MAX + float(np.abs(bias_q).max())
-        Rescale.make(store, name, acc_unit / unit, bound)
+        if d * res_max * res_max >= EXACT:
+            raise UserError(f"integer model: {name} is too wide for an exact sum of squares")
+        store.put_float(f"{name}.gain", norm.weight.detach().cpu().double().numpy() / unit)
+        store.put_float(f"{name}.bias", norm.bias.detach().cpu().double().numpy() / unit)
+        # d^2 (var + eps) in the input's units: eps d^2 / unit^2
+        store.put_float(f"{name}.eps", [norm.eps * d * d / (unit * unit)])
+        store.put_int(f"{name}.max", res_max)
 
     def __init__(self, store: Store, name: str, device: torch.device) -> None:
         self.gain = store.get(f"{name}.gain", device)
         self.bias = store.get(f"{name}.bias", device)
-        self.eps = store.ints[f"{name}.eps"]
-        self.sqrt_d = store.ints[f"{name}.sqrt_d"]
-        self.u_shift = store.ints[f"{name}.u_shift"]
-        self.rescale = Rescale(store, name, device)
+        self.eps = store.get(f"{name}.eps", device)
+        self.max = store.ints[f"{name}.max"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
-        u = rshift(d * x - x.sum(-1, keepdim=True), self.u_shift)
-        norm = isqrt((u * u).sum(-1, keepdim=True) + self.eps)
-        normalised = torch.div(u * self.sqrt_d, norm, rounding_mode="floor")
-        return self.rescale(normalised * self.gain + self.bias).clamp(-RES_MAX, RES_MAX)
+        total = x.sum(-1, keepdim=True)
+        squares = (x * x).sum(-1, keepdim=True)
+        spread = (squares * d).sub_(total * total).clamp_(min=0).add_(self.eps)  # d^2 (var+eps)
+        inverse = spread.sqrt_().reciprocal_().mul_(d)  # 1 / sqrt(var + eps)
+        centred = x - total * (1.0 / d)
+        normalised = centred.mul_(inverse).mul_(self.gain).add_(self.bias)
+        return normalised.round_().clamp_(-self.max, self.max)
 
 
 def exp2_table(frac: int, bits: int) -> np.ndarray:
     return np.rint(2.0**bits * np.exp2(-np.arange(1 << frac) / 2.0**frac))
 
 
+def attention_table() -> np.ndarray:
+    """2^ATT_BITS 2^(-t / 2^ATT_FRAC) for every t up to the cap, whose entry is 0 (the weight
+    of a key the rule does not admit)."""
+    cap = (ATT_BITS + 1) << ATT_FRAC
+    table = np.rint(2.0**ATT_BITS * np.exp2(-np.arange(cap + 1) / 2.0**ATT_FRAC))
+    table[cap] = 0
+    return table
+
+
 class Attention:
-    """Attention in integers: integer scores, softmax by an exponential table relative to each
-    query's largest admitted score, the weighted mean of the values by one exact product and a
-    rounded division. One generation step over the key/value ring buffer (`step`), unmasked over
-    a whole sequence (`full`: the super-resolution encoder) or over an encoder's keys and values
-    (`over`: encoder-decoder attention)."""
+    """Attention of integers: queries, keys and values by one stacked integer linear layer,
+    scores by an exact product, the softmax by a table of 2^(-t) over the score's distance t
+    below each query's largest (in 2^-10 of a bit), the weighted mean of the values by an exact
+    product and one rounded division. One generation step over the key/value ring buffer
+    (`step`), unmasked over a whole sequence (`full`: the super-resolution encoder) or over an
+    encoder's keys and values (`over`: encoder-decoder attention)."""
 
     @staticmethod
-    def make(store: Store, name: str, attn: nn.Module, unit: float, scales: dict) -> None:
+    def make(
+        store: Store, name: str, attn: nn.Module, unit: float, res_max: int, scales: dict
+    ) -> None:
         d = attn.query.weight.shape[0]
-        stacked = nn.Linear(d, 2 * d, bias=False)
-        stacked.weight = nn.Parameter(torch.cat([attn.key.weight, attn.value.weight]).detach())
-        units = np.repeat([scales["k"], scales["v"]], d)
-        Linear.make(store, f"{name}.q", attn.query, unit, RES_MAX, scales["q"], -ACT_MAX, ACT_MAX)
-        Linear.make(store, f"{name}.kv", stacked, unit, RES_MAX, units, -ACT_MAX, ACT_MAX)
-        Linear.make(store, f"{name}.out", attn.out, scales["v"], ACT_MAX, unit, -RES_MAX, RES_MAX)
-        head_dim = attn.head_dim
-        m = scales["q"] * scales["k"] / math.sqrt(head_dim) * math.log2(math.e) * 2**ATT_FRAC
-        cap = min(math.ceil(((ATT_BITS + 1) << ATT_FRAC) / m) + 1, 2 * ACT_MAX**2 * head_dim)
-        store.put_int(f"{name}.cap", cap)
-        Rescale.make(store, f"{name}.scores", m, cap)
+        stacked = nn.Linear(d, 3 * d, bias=False)
+        parts = [attn.query.weight, attn.key.weight, attn.value.weight]
+        stacked.weight = nn.Parameter(torch.cat(parts).detach())
+        units = np.repeat([scales["q"], scales["k"], scales["v"]], d)
+        Linear.make(store, f"{name}.qkv", stacked, unit, res_max, units, -ACT_MAX, ACT_MAX)
+        Linear.make(store, f"{name}.out", attn.out, scales["v"], ACT_MAX, unit, -res_max, res_max)
+        m = scales["q"] * scales["k"] / math.sqrt(attn.head_dim) * math.log2(math.e)
+        store.put_float(f"{name}.scores", [m * 2**ATT_FRAC])
 
     def __init__(self, store: Store, name: str, device: torch.device, heads: int) -> None:
         self.heads = heads
-        self.q = Linear(store, f"{name}.q", device)
-        self.kv = Linear(store, f"{name}.kv", device)
+        self.qkv = Linear(store, f"{name}.qkv", device)
+        d = self.qkv.weight.shape[0] // 3
+        self.q, self.kv = self.qkv.rows(slice(0, d)), self.qkv.rows(slice(d, 3 * d))
         self.out = Linear(store, f"{name}.out", device)
-        self.cap = store.ints[f"{name}.cap"]
-        self.scores = Rescale(store, f"{name}.scores", device)
-        self.table = store.get("exp2_attention", device)
+        self.scores = float(store.tensors[f"{name}.scores"][0])
+        self.cap = (ATT_BITS + 1) << ATT_FRAC
+        self.table = store.values("exp2_attention", device)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n, d] -> [..., h, n, dh]"""
         return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
 
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [b, h, n, dh] (float64 holding integers) of a sequence [b, n, d]."""
-        k, v = self.kv(source).double().chunk(2, dim=-1)
+        """Keys and values [b, h, n, dh] of a sequence [b, n, d]."""
+        k, v = self.kv(source).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def attend(self, x, keys, values, allowed: torch.Tensor | None) -> torch.Tensor:
-        """Queries of x [b, n, d] over keys and values [b, h, m, dh]; `allowed` [n or 1, m]
-        (None: all) -> [b, n, d]."""
-        q = self._heads(self.q(x)).double()
-        z = torch.matmul(q, keys.transpose(-1, -2)).long()  # [b, h, n, m]: exact, < 2^53
-        if allowed is not None:
-            z = torch.where(allowed, z, -(2**62))  # below any score; top - z stays in range
-        top = z.amax(-1, keepdim=True)
-        t = self.scores((top - z).clamp(0, self.cap)).clamp(max=(ATT_BITS + 1) << ATT_FRAC)
-        e = exp2_neg(t, self.table, ATT_FRAC)  # < 2^20, masked keys 0 (t capped)
-        if allowed is not None:
-            e = torch.where(allowed, e, 0)
-        num = torch.matmul(e.double(), values).long()  # [b, h, n, dh]: exact, < 2^53
-        den = e.sum(-1, keepdim=True)  # >= 2^20: the largest score's weight
-        o = torch.div(2 * num + den, 2 * den, rounding_mode="floor")  # round(num / den)
-        return self.out(o.transpose(-2, -3).flatten(-2))
+    def attend(self, q, keys, values, mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries [b, h, n, dh] over keys and values [b, h, m, dh]; `mask` [n or 1, m] 0 or
+        -inf (None: all keys) -> [b, h, n, dh]."""
+        z = torch.matmul(q, keys.transpose(-1, -2))  # [b, h, n, m]: exact, < 2^53
+        if mask is not None:
+            z = z.add_(mask)
+        below = (z.amax(-1, keepdim=True) - z).mul_(self.scores).clamp_(max=self.cap)
+        index = below.long()
+        # < 2^20; keys not admitted (and far below): 0. index_select: 3x faster than [index]
+        e = self.table.index_select(0, index.view(-1)).view(index.shape)
+        num = torch.matmul(e, values)  # exact, < 2^53
+        return num.div_(e.sum(-1, keepdim=True)).round_()  # the top key's weight: >= 2^20
 
-    def step(self, x: torch.Tensor, step: int, cache: Cache, allowed: torch.Tensor):
-        """x [b, d] at generation step `step`: its key and value go into the ring buffer."""
-        k, v = self.keys_values(x[:, None])
-        slot = step % cache.keys.shape[2]
-        cache.keys[:, :, slot] = k[:, :, 0]
-        cache.values[:, :, slot] = v[:, :, 0]
-        return self.attend(x[:, None], cache.keys, cache.values, allowed[None])[:, 0]
+    def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, mask: torch.Tensor):
+        """x [b, d] at generation step `step`: its key and value go into the ring buffer
+        `cache` [2, b, h, span, dh]."""
+        qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
+        cache[:, :, :, step % cache.shape[3]] = qkv[:, 1:].transpose(0, 1)
+        o = self.attend(qkv[:, 0, :, None], cache[0], cache[1], mask)
+        return self.out(o.reshape(x.shape[0], -1))
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(x, *self.keys_values(x), None)
+        q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
+        return self.out(self.attend(q, k, v, None).transpose(-2, -3).flatten(-2))
 
     def over(self, x: torch.Tensor, keys_values) -> torch.Tensor:
-        return self.attend(x[:, None], *keys_values, None)[:, 0]
-
-
-@dataclass
-class Cache:
-    keys: torch.Tensor  # [n, h, span, dh] float64 holding integers
-    values: torch.Tensor
+        q = self.q(x).view(x.shape[0], self.heads, 1, -1)
+        return self.out(self.attend(q, *keys_values, None).reshape(x.shape[0], -1))
 
 
 class Block:
@@ -371,27 +365,31 @@ class Block:
     def __init__(self, store: Store, name: str, device: torch.device, config) -> None:
         self.norm_first = config.norm_first
         heads = config.num_heads
+        self.max = store.ints["res_max"]
         self.attn = Attention(store, f"{name}.attn", device, heads)
         self.norm1 = LayerNorm(store, f"{name}.norm1", device)
         self.norm2 = LayerNorm(store, f"{name}.norm2", device)
         self.ffn1 = Linear(store, f"{name}.ffn1", device)
         self.ffn2 = Linear(store, f"{name}.ffn2", device)
         self.cross = None
-        if f"{name}.cross_attn.cap" in store.ints:
+        if f"{name}.cross_attn.scores" in store.tensors:
             self.cross = Attention(store, f"{name}.cross_attn", device, heads)
             self.norm_cross = LayerNorm(store, f"{name}.norm_cross", device)
 
     @staticmethod
-    def make(store: Store, name: str, block: nn.Module, unit: float, scales: dict) -> None:
-        Attention.make(store, f"{name}.attn", block.attn, unit, scales["attn"])
-        LayerNorm.make(store, f"{name}.norm1", block.norm1, unit)
-        LayerNorm.make(store, f"{name}.norm2", block.norm2, unit)
+    def make(
+        store: Store, name: str, block: nn.Module, unit: float, res_max: int, scales: dict
+    ) -> None:
+        Attention.make(store, f"{name}.attn", block.attn, unit, res_max, scales["attn"])
+        LayerNorm.make(store, f"{name}.norm1", block.norm1, unit, res_max)
+        LayerNorm.make(store, f"{name}.norm2", block.norm2, unit, res_max)
         hidden = scales["hidden"]
-        Linear.make(store, f"{name}.ffn1", block.ffn[0], unit, RES_MAX, hidden, 0, ACT_MAX)
-        Linear.make(store, f"{name}.ffn2", block.ffn[2], hidden, ACT_MAX, unit, -RES_MAX, RES_MAX)
+        Linear.make(store, f"{name}.ffn1", block.ffn[0], unit, res_max, hidden, 0, ACT_MAX)
+        Linear.make(store, f"{name}.ffn2", block.ffn[2], hidden, ACT_MAX, unit, -res_max, res_max)
         if block.cross_attn is not None:
-            Attention.make(store, f"{name}.cross_attn", block.cross_attn, unit, scales["cross"])
-            LayerNorm.make(store, f"{name}.norm_cross", block.norm_cross, unit)
+            cross = scales["cross"]
+            Attention.make(store, f"{name}.cross_attn", block.cross_attn, unit, res_max, cross)
+            LayerNorm.make(store, f"{name}.norm_cross", block.norm_cross, unit, res_max)
 
     def run(self, x: torch.Tensor, attend, attend_memory=None) -> torch.Tensor:
         sublayers = [(self.norm1, attend)]
@@ -399,19 +397,18 @@ class Block:
             sublayers.append((self.norm_cross, attend_memory))
         sublayers.append((self.norm2, lambda h: self.ffn2(self.ffn1(h))))
         for norm, f in sublayers:
-            x = residual_add(x, f(norm(x))) if self.norm_first else norm(residual_add(x, f(x)))
+            if self.norm_first:
+                x = (x + f(norm(x))).clamp_(-self.max, self.max)
+            else:
+                x = norm((x + f(x)).clamp_(-self.max, self.max))
         return x
 
-    def step(self, x, step, cache, allowed, memory_kv=None):
+    def step(self, x, step, cache, mask, memory_kv=None):
         return self.run(
             x,
-            lambda h: self.attn.step(h, step, cache, allowed),
+            lambda h: self.attn.step(h, step, cache, mask),
             lambda h: self.cross.over(h, memory_kv),
         )
-
-
-def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x + y).clamp(-RES_MAX, RES_MAX)
 
 
 # Output distributions in integers ------------------------------------------------------------
@@ -519,16 +516,19 @@ def fixed_unit_values(numerators) -> list[int]:
 @dataclass
 class DecodingState:
     batch: int
-    caches: list[Cache]
+    caches: list[torch.Tensor]  # per block: keys and values [2, n, h, span, dh] (ring buffer)
     memory_kvs: list  # per block: the encoder's keys and values (super-resolution), or None
     conditioning: torch.Tensor | None  # [n, 1 or N, d]: the class and low-resolution signals
     values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
+    block_signal: torch.Tensor | None = None  # [n, d]: added before every later block
     next_step: int = 0
 
 
-def table_of(store: Store, name: str, weight: torch.Tensor, scale: float, unit: float) -> None:
+def table_of(
+    store: Store, name: str, weight: torch.Tensor, scale: float, unit: float, res_max: int
+) -> None:
     """An embedding table times `scale`, in the residual stream's units."""
-    store.put(name, (weight.detach().double() * scale / unit).clamp(-RES_MAX, RES_MAX))
+    store.put(name, (weight.detach().double() * scale / unit).clamp(-res_max, res_max))
 
 
 class Embedding:
@@ -538,16 +538,18 @@ class Embedding:
     in the residual stream's units."""
 
     @staticmethod
-    def make(store: Store, name: str, embedding: nn.Module, config, unit: float) -> None:
+    def make(
+        store: Store, name: str, embedding: nn.Module, config, unit: float, res_max: int
+    ) -> None:
         if config.output == "cat":
-            table_of(store, name, embedding.weight, math.sqrt(config.d_model), unit)
+            table_of(store, name, embedding.weight, math.sqrt(config.d_model), unit, res_max)
         else:
-            Linear.make(store, name, embedding, 1 / 255, 255, unit, 0, RES_MAX)
+            Linear.make(store, name, embedding, 1 / 255, 255, unit, 0, res_max)
 
     def __init__(self, store: Store, name: str, device: torch.device, config, order) -> None:
         self.table = self.linear = None
         if config.output == "cat":
-            self.table = store.get(name, device)
+            self.table = store.values(name, device)
             self.step_channel = (order % config.image_shape[0]).to(device)
         else:
             self.linear = Linear(store, name, device)
@@ -557,7 +559,7 @@ class Embedding:
         step `step`."""
         if self.table is not None:
             return self.table[self.step_channel[step] * 256 + values.long()]
-        return self.linear(2 * values.long() - 255)
+        return self.linear((2 * values - 255).double())
 
 
 class Encoder:
@@ -565,18 +567,22 @@ class Encoder:
     table and timing signal, unmasked attention blocks, the final LayerNorm (pre-norm)."""
 
     @staticmethod
-    def make(store: Store, encoder: nn.Module, unit: float, scales: list[dict]) -> None:
-        table_of(store, "encoder.embed", encoder.embed.weight, math.sqrt(encoder.d_model), unit)
-        table_of(store, "encoder.position", encoder._timing, 1.0, unit)
+    def make(
+        store: Store, encoder: nn.Module, unit: float, res_max: int, scales: list[dict]
+    ) -> None:
+        root_d = math.sqrt(encoder.d_model)
+        table_of(store, "encoder.embed", encoder.embed.weight, root_d, unit, res_max)
+        table_of(store, "encoder.position", encoder._timing, 1.0, unit, res_max)
         for i, block in enumerate(encoder.blocks):
-            Block.make(store, f"encoder.blocks.{i}", block, unit, scales[i])
+            Block.make(store, f"encoder.blocks.{i}", block, unit, res_max, scales[i])
         if isinstance(encoder.final_norm, nn.LayerNorm):
-            LayerNorm.make(store, "encoder.final_norm", encoder.final_norm, unit)
+            LayerNorm.make(store, "encoder.final_norm", encoder.final_norm, unit, res_max)
 
     def __init__(self, store: Store, device: torch.device, config) -> None:
         self.channel = raster_channel(config.low_res_shape).to(device)
-        self.embed = store.get("encoder.embed", device)
-        self.position = store.get("encoder.position", device)
+        self.embed = store.values("encoder.embed", device)
+        self.position = store.values("encoder.position", device)
+        self.max = store.ints["res_max"]
         layers = range(config.encoder_layers)
         self.blocks = [Block(store, f"encoder.blocks.{i}", device, config) for i in layers]
         self.final_norm = None
@@ -586,7 +592,7 @@ class Encoder:
     def __call__(self, low_res: torch.Tensor) -> torch.Tensor:
         """uint8 [n, C, h, w] -> [n, C*h*w, d]."""
         tokens = self.channel * 256 + images_to_raster(low_res.long())
-        x = (self.embed[tokens] + self.position).clamp(-RES_MAX, RES_MAX)
+        x = (self.embed[tokens] + self.position).clamp_(-self.max, self.max)
         for block in self.blocks:
             x = block.run(x, block.attn.full)
         return x if self.final_norm is None else self.final_norm(x)
@@ -599,19 +605,30 @@ class IntegerModel:
     integer frequencies of each channel in turn."""
 
     def __init__(
-        self, config: ImageTransformerConfig, store: Store, device: torch.device | str = "cpu"
+        self,
+        config: ImageTransformerConfig,
+        store: Store,
+        device: torch.device | str = "cpu",
+        config_json: str | None = None,
     ) -> None:
         self.config = config
+        # the config as written when the model was made: what the fingerprint covers (a later
+        # release that adds a config field must not change the name of a model or its files)
+        self.config_json = config_json or config.to_json()
         self.store = store
         self.device = device = torch.device(device)
         self.pattern = AttentionPattern.from_config(config)
         self.distribution = output_distribution(config)
         self.generation_order = self.pattern.generation_order.to(device)
         self.inverse_order = torch.argsort(self.pattern.generation_order).to(device)
-        self.allowed = self.pattern.step_slot_mask.to(device)
+        allowed = self.pattern.step_slot_mask.to(device)
+        # per step, 0 for the ring-buffer slots it reads and -inf for the others
+        self.masks = torch.zeros(allowed.shape, dtype=torch.float64, device=device)
+        self.masks.masked_fill_(~allowed, -math.inf)
+        self.max = store.ints["res_max"]
         self.channels = config.image_shape[0]
         self.num_mixtures = config.num_mixtures
-        self.position = store.get("position", device)
+        self.position = store.values("position", device)
         order = self.generation_order
         self.embed = Embedding(store, "embed", device, config, order)
         self.above_embed = None
@@ -624,11 +641,13 @@ class IntegerModel:
         ]
         self.final_norm = LayerNorm(store, "final_norm", device) if config.norm_first else None
         self.head = Linear(store, "head", device)
-        self.class_table = store.get("class_embed", device) if config.num_classes else None
+        self.class_table = store.values("class_embed", device) if config.num_classes else None
+        # the class signal again before every later block (`class_signal="every_block"`)
+        self.class_every_block = getattr(config, "class_signal", "input") == "every_block"
         self.encoder = Encoder(store, device, config) if config.task == "superres" else None
         self.low_res_table = None
         if "low_res_embed" in store.tensors:
-            self.low_res_table = store.get("low_res_embed", device)
+            self.low_res_table = store.values("low_res_embed", device)
             self.covering = covering_pixel(config)[self.pattern.generation_order].to(device)
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
@@ -644,20 +663,22 @@ class IntegerModel:
     def fingerprint(self) -> bytes:
         """SHA-256 of the config, the integers and every table: what a file names."""
         if self._fingerprint is None:
-            self._fingerprint = self.store.fingerprint(self.config.to_json())
+            self._fingerprint = self.store.fingerprint(self.config_json)
         return self._fingerprint
 
     def to(self, device: torch.device | str) -> IntegerModel:
-        return IntegerModel(self.config, self.store, device)
+        return IntegerModel(self.config, self.store, device, self.config_json)
 
     def to_bytes(self, source: str = "") -> bytes:
         tensors = {}
         for name, tensor in self.store.tensors.items():
-            small = tensor.abs().max() < 2**31 if tensor.numel() else True
+            small = tensor.dtype == torch.int64 and (
+                tensor.abs().max() < 2**31 if tensor.numel() else True
+            )
             tensors[name] = tensor.to(torch.int32) if small else tensor
         metadata = {
             "format": FORMAT,
-            "config": self.config.to_json(),
+            "config": self.config_json,
             "ints": json.dumps(self.store.ints, sort_keys=True),
             "source": source,
             "fingerprint": self.fingerprint.hex(),
@@ -679,7 +700,16 @@ class IntegerModel:
         try:
             data = path.read_bytes()
             metadata = _read_metadata(path)
-            tensors = {k: v.to(torch.int64) for k, v in safetensors_load(data).items()}
+            if metadata.get("format") != FORMAT:
+                raise UserError(
+                    f"{path} is an integer model of another format ({metadata.get('format')}, "
+                    f"this release reads {FORMAT}): files it coded decode with the release that "
+                    "made them; delete it, and compress makes a new one"
+                )
+            tensors = {
+                k: v if v.dtype == torch.float64 else v.to(torch.int64)
+                for k, v in safetensors_load(data).items()
+            }
             config = ImageTransformerConfig.from_json(metadata["config"])
             store = Store(tensors, {k: int(v) for k, v in json.loads(metadata["ints"]).items()})
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as err:
@@ -687,7 +717,7 @@ class IntegerModel:
                 f"{path} is not a readable integer model ({type(err).__name__}: {err}); "
                 "delete it and compress again to make it anew"
             ) from None
-        model = cls(config, store, device)
+        model = cls(config, store, device, metadata["config"])
         if model.fingerprint.hex() != metadata.get("fingerprint"):
             raise UserError(
                 f"{path} is damaged (its contents do not match its fingerprint); delete it"
@@ -710,19 +740,17 @@ class IntegerModel:
         `low_res` uint8 [n, C, h, w] (super-resolution models)."""
         c = self.config
         span, head_dim = self.pattern.cache_span, c.d_model // c.num_heads
-        shape = (n, c.num_heads, span, head_dim)
-
-        def zeros():
-            return torch.zeros(shape, dtype=torch.float64, device=self.device)
-
-        caches = [Cache(zeros(), zeros()) for _ in self.blocks]
+        shape = (2, n, c.num_heads, span, head_dim)  # keys and values
+        caches = [torch.zeros(shape, dtype=torch.float64, device=self.device) for _ in self.blocks]
         if (labels is None) != (self.class_table is None):
             raise UserError("labels go with class-conditional models, and only with them")
         if (low_res is None) != (self.encoder is None):
             raise UserError("low_res goes with super-resolution models, and only with them")
-        conditioning = None
+        conditioning = block_signal = None
         if labels is not None:
             conditioning = self.class_table[labels.to(self.device).long()][:, None]
+            if self.class_every_block:
+                block_signal = conditioning[:, 0]
         memory_kvs = [None] * len(self.blocks)
         if low_res is not None:
             low_res = low_res.to(self.device)
@@ -737,7 +765,7 @@ class IntegerModel:
         if self.above_embed is not None:  # every value so far: the rows above are read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
-        return DecodingState(n, caches, memory_kvs, conditioning, values)
+        return DecodingState(n, caches, memory_kvs, conditioning, values, block_signal)
 
     def step(self, state: DecodingState, step: int, previous: torch.Tensor | None):
         """The head's integer outputs [n, P] for generation step `step` given the values of step
@@ -755,18 +783,23 @@ class IntegerModel:
         if state.conditioning is not None:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
-        x = x.clamp(-RES_MAX, RES_MAX)
-        allowed = self.allowed[step]
-        for block, cache, memory_kv in zip(
-            self.blocks, state.caches, state.memory_kvs, strict=True
+        x = x.clamp(-self.max, self.max)
+        mask = self.masks[step]
+        for i, (block, cache, memory_kv) in enumerate(
+            zip(self.blocks, state.caches, state.memory_kvs, strict=True)
         ):
-            x = block.step(x, step, cache, allowed, memory_kv)
+            if i and state.block_signal is not None:
+                x = (x + state.block_signal).clamp_(-self.max, self.max)
+            x = block.step(x, step, cache, mask, memory_kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
         state.next_step = step + 1
         return self.head(x)
 
     def coding(self, head: torch.Tensor):
+        """The integer frequencies of the step whose head outputs (float64 integers) are
+        `head`."""
+        head = head.long()
         if self.config.output == "cat":
             return CategoricalCoding(self, head)
         return MixtureCoding(self, head)
@@ -887,7 +920,9 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
     n = min(len(images), CALIBRATION_IMAGES)
     labels = None if labels is None or not config.num_classes else labels[:n].cpu()
     seen = calibrate(model, images[:n].cpu(), labels)
-    unit = pow2_scale(seen["res"], RES_MAX)
+    d = config.d_model
+    res_max = residual_max(d)
+    unit = pow2_scale(seen["res"], res_max)
 
     def block_scales(name: str) -> dict:
         scales = {"hidden": pow2_scale(seen[f"{name}.hidden"], ACT_MAX)}
@@ -898,27 +933,28 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
         return scales
 
     store = Store()
-    d = config.d_model
+    store.put_int("res_max", res_max)
+    root_d = math.sqrt(d)
     with torch.no_grad():
-        table_of(store, "position", model.position_signal(), 1.0, unit)
-        Embedding.make(store, "embed", model.embed, config, unit)
+        table_of(store, "position", model.position_signal(), 1.0, unit, res_max)
+        Embedding.make(store, "embed", model.embed, config, unit, res_max)
         if model.above_embed is not None:
-            Embedding.make(store, "above_embed", model.above_embed, config, unit)
+            Embedding.make(store, "above_embed", model.above_embed, config, unit, res_max)
         if model.class_embed is not None:
-            table_of(store, "class_embed", model.class_embed.weight, math.sqrt(d), unit)
+            table_of(store, "class_embed", model.class_embed.weight, root_d, unit, res_max)
         if model.low_res_embed is not None:
-            table_of(store, "low_res_embed", model.low_res_embed.weight, math.sqrt(d), unit)
+            table_of(store, "low_res_embed", model.low_res_embed.weight, root_d, unit, res_max)
         if model.encoder is not None:
-            layers = range(config.encoder_layers)
-            Encoder.make(store, model.encoder, unit, [block_scales(f"encoder.{i}") for i in layers])
+            scales = [block_scales(f"encoder.{i}") for i in range(config.encoder_layers)]
+            Encoder.make(store, model.encoder, unit, res_max, scales)
         for i, block in enumerate(model.blocks):
-            Block.make(store, f"blocks.{i}", block, unit, block_scales(str(i)))
+            Block.make(store, f"blocks.{i}", block, unit, res_max, block_scales(str(i)))
         if config.norm_first:
-            LayerNorm.make(store, "final_norm", model.final_norm, unit)
+            LayerNorm.make(store, "final_norm", model.final_norm, unit, res_max)
         Linear.make(
-            store, "head", model.head, unit, RES_MAX, head_units(config), -HEAD_MAX, HEAD_MAX
+            store, "head", model.head, unit, res_max, head_units(config), -HEAD_MAX, HEAD_MAX
         )
-    store.put("exp2_attention", exp2_table(ATT_FRAC, ATT_BITS))
+    store.put("exp2_attention", attention_table())
     store.put("exp2_output", exp2_table(OUT_FRAC, OUT_BITS))
     if config.output == "dmol":
         log_scales = np.arange((LS_HI - LS_LO) << LS_FRAC | 1) / 2.0**LS_FRAC + LS_LO
