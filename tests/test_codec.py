@@ -5,6 +5,8 @@ never above storing the image, and one-line refusals of damaged files."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import math
 import os
 import shutil
@@ -396,3 +398,21 @@ def test_compress_reads_images_at_the_models_shape_and_says_so(run, tmp_path, ca
     argv = ["compress", str(run), str(folder), "--channels", "3", "-o", str(packed)]
     assert main(argv) == 2
     assert "--image-size 8 --channels 1" in capsys.readouterr().err
+
+
+def test_the_codec_benchmark_compares_formats_and_speeds(run, tmp_path, capsys):
+    """benchmarks/codec.py on a tiny run: the codec's file gives the images back and costs about
+    the model's bits/dim; PNG and WebP are measured on the same images; the speed ratios are
+    there."""
+    spec = importlib.util.spec_from_file_location("codec_bench", ROOT / "benchmarks" / "codec.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "codec.json"
+    bench.main([str(run), "--images", "12", "--batch-size", "5", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "WebP lossless" in printed and "decompress / sample" in printed
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["images"] == 12 and row["batch_size"] == 5
+    assert 0 < row["bytes_over_model"] < HEADER_BYTES + 3 * STREAM_BYTES + 8  # 3 streams
+    assert row["PNG"]["bits_per_dim"] > 0 and row["WebP lossless"]["bits_per_dim"] > 0
+    assert row["decompress_over_sample"] > 0 and row["compress_over_decompress"] > 0
