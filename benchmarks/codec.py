@@ -41,7 +41,13 @@ from imagetransformer import ImageTransformer  # noqa: E402
 from imagetransformer.evaluation import evaluate  # noqa: E402
 from imagetransformer.run import Run  # noqa: E402
 from imagetransformer.sampling import sample  # noqa: E402
-from imagetransformer.tools.codec import best_labels, compress, decompress, quantized  # noqa: E402
+from imagetransformer.tools.codec import (  # noqa: E402
+    best_labels,
+    compress,
+    decompress,
+    float_costs,
+    quantized,
+)
 
 FORMATS = {
     "PNG": dict(format="PNG", optimize=True, compress_level=9),
@@ -104,7 +110,8 @@ def measure(run_dir: str, max_images: int, batch_size: int) -> dict:
     integer = quantized(run_dir, torch.device("cpu"), note=lambda _: None)
     labels = best_labels(model, images) if model.config.num_classes else None
     start = time.perf_counter()
-    packed = compress(integer, images, batch_size=batch_size, labels=labels)
+    estimate = float_costs(model, images, labels)  # as the compress command does
+    packed = compress(integer, images, batch_size=batch_size, labels=labels, estimate=estimate)
     compress_s = time.perf_counter() - start
     start = time.perf_counter()
     decoded = decompress(integer, packed.data, batch_size=batch_size)

@@ -25,10 +25,12 @@ from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
 from imagetransformer.evaluation import classify
 from imagetransformer.files import WriteError
+from imagetransformer.tools import codec
 from imagetransformer.tools.codec import (
     best_labels,
     compress,
     decompress,
+    float_costs,
     png_bytes,
     quantized,
     read_header,
@@ -36,6 +38,8 @@ from imagetransformer.tools.codec import (
 from imagetransformer.tools.integer_model import IntegerModel, quantize
 
 from .helpers import tiny_config
+
+code_groups = codec._code_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,7 +238,7 @@ def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(
         assert all(np.array_equal(d, x[0]) for d, x in zip(decoded, images.numpy(), strict=True))
 
 
-def test_never_worse_than_storing_the_image(run, digits):
+def test_never_worse_than_storing_the_image(run, digits, monkeypatch):
     """Noise costs the digits model more than its raw bytes: such images are stored raw (or as
     PNG), the digits beside them are still coded, and the file costs no more than the cheaper
     stored form of every image plus a few bytes."""
@@ -245,6 +249,12 @@ def test_never_worse_than_storing_the_image(run, digits):
     packed = compress(integer, images, batch_size=4)
     assert packed.stored == 6
     assert torch.equal(decompress(integer, packed.data), images)
+    # the float model's costs pick the same images up front: each group is coded once
+    calls = []
+    monkeypatch.setattr(codec, "_code_groups", lambda *a: calls.append(1) or code_groups(*a))
+    estimate = float_costs(ImageTransformer.from_pretrained(run), images)
+    assert compress(integer, images, batch_size=4, estimate=estimate).data == packed.data
+    assert len(calls) == 2  # the groups with digits; without the estimate, 5 runs
     only_noise = compress(integer, noise, batch_size=4)
     cheapest = sum(min(x.numel(), len(png_bytes(x.numpy()))) for x in noise)
     assert len(only_noise.data) <= cheapest + HEADER_BYTES + 2 * len(noise)

@@ -18,6 +18,7 @@ from ..tools.codec import (
     best_labels,
     compress,
     decompress,
+    float_costs,
     png_bytes,
     quantized,
     quantized_for_file,
@@ -81,7 +82,15 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     integer = quantized(args.run_dir, device, load=lambda: model)
     labels = best_labels(model, images) if model.config.num_classes else None
-    result = compress(integer, images, batch_size=args.batch_size, progress=True, labels=labels)
+    estimate = float_costs(model, images, labels)
+    result = compress(
+        integer,
+        images,
+        batch_size=args.batch_size,
+        progress=True,
+        labels=labels,
+        estimate=estimate,
+    )
     atomic_write_bytes(args.output, result.data)
     stored = f"; {result.stored} stored as PNG or raw (cheaper so)" if result.stored else ""
     print(
