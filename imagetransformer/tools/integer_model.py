@@ -472,7 +472,7 @@ class MixtureCoding:
             coupling = self.coeffs[..., first + earlier] * self.x[:, None, earlier]
             mean = mean + rshift(coupling, COEF_FRAC)
         u = (self.model.edges - mean[..., None]) * self.inv_scales[..., channel, None]
-        cdf = logistic_cdf(u, self.model.sigmoid)  # [n, K, 255] in 2^-28
+        cdf = logistic_cdf(u, self.model.sigmoid, self.model.sigmoid_slope)  # [n, K, 255]
         cdf = F.pad(F.pad(cdf, (1, 0), value=0), (0, 1), value=1 << CDF_BITS)
         return cdf[..., 1:] - cdf[..., :-1]
 
@@ -490,15 +490,17 @@ class MixtureCoding:
         self.x[:, channel] = self.model.unit_values[values]
 
 
-def logistic_cdf(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def logistic_cdf(u: torch.Tensor, table: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """sigmoid(u) * 2^28 for u in 2^-36, by linear interpolation in a table every 2^-8 over
-    [-24, 24]; non-decreasing in u, as the table is."""
+    [-24, 24] (`slope`: the differences of its neighbours); non-decreasing in u, as the table
+    is. index_select, not [index]: three times faster here."""
     span = SIG_RANGE << U_FRAC
-    s = u.clamp(-span, span) + span
-    index = s >> (U_FRAC - SIG_STEP)
-    frac = (s >> (U_FRAC - SIG_STEP - 16)) & 0xFFFF
-    low = table[index]
-    return low + rshift((table[index + 1] - low) * frac, 16)
+    s = u.clamp(-span, span).add_(span)
+    index = (s >> (U_FRAC - SIG_STEP)).view(-1)
+    frac = (s >> (U_FRAC - SIG_STEP - 16)).bitwise_and_(0xFFFF)
+    low = table.index_select(0, index).view(s.shape)
+    rise = slope.index_select(0, index).view(s.shape).mul_(frac)
+    return low.add_(rshift(rise, 16))
 
 
 def logistic_table() -> np.ndarray:
@@ -654,6 +656,7 @@ class IntegerModel:
             self.inverse_scale = store.get("inverse_scale", device)
             self.tanh = store.get("tanh", device)
             self.sigmoid = store.get("logistic_cdf", device)
+            self.sigmoid_slope = self.sigmoid[1:] - self.sigmoid[:-1]
             self.edges = store.get("edges", device)
             self.unit_values = store.get("unit_values", device)
         self._fingerprint: bytes | None = None
