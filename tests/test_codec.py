@@ -332,6 +332,7 @@ def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_p
     """compress caches the integer model in the run folder (made once per weights); a copy of
     the run without that file makes the same one again; a file keeps decoding with the model
     it names after the run's weights change; without that model it is refused in one line."""
+    quantized(run, torch.device("cpu"), note=lambda _: None)  # the run holds its own, whatever ran
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("codec-*", "checkpoint*"))
     capsys.readouterr()
@@ -351,6 +352,13 @@ def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_p
         model.head.bias += 0.5  # the run trains on
     model.save_pretrained(copy)
     assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "a")]) == 0
+    alone = tmp_path / "only-the-integer-model"  # what travels: the file and this one file
+    alone.mkdir()
+    shutil.copyfile(cached[0], alone / cached[0].name)
+    assert main(["decompress", str(alone), str(packed), "-o", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "image_00000.png").read_bytes() == (
+        tmp_path / "a" / "image_00000.png"
+    ).read_bytes()
     cached[0].unlink()
     capsys.readouterr()
     assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "b")]) == 2
