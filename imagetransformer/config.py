@@ -57,6 +57,8 @@ class ImageTransformerConfig:
     pos: str = "timing"
     norm_first: bool = False  # post-norm as in the paper; pre-norm trains small models better
     num_classes: int = 0  # 0: unconditional
+    # the class table's init: this times tensor2tensor's variance-scaling init (0: zeros)
+    class_init: float = 0.0
     # input: the class embedding is added to the decoder's input (as the paper); every_block:
     # the same embedding is added again to the residual stream before every later block
     class_signal: str = "input"
@@ -142,6 +144,8 @@ class ImageTransformerConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.memory_length is not None and self.memory_length < 0:
             raise UserError(f"memory_length must be >= 0, got {self.memory_length}")
+        if self.class_init < 0:
+            raise UserError(f"class_init must be >= 0 (0 = zeros), got {self.class_init}")
         if self.num_classes < 0:
             raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         PATTERNS[self.attention].check_config(self)

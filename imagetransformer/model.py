@@ -238,11 +238,12 @@ class ImageTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """tensor2tensor's init: uniform variance scaling, fan_avg, scale 0.2, zero biases.
 
-        One departure: the class embedding starts at zero, so a conditional model starts as its
-        unconditional twin and learns what the label adds. With the reference's random init
-        (a random vector as large as the position signal, added everywhere) the 1,000-step
-        mnist_1d_cond model was 0.026 bits/dim behind its unconditional twin; from zero it
-        matches it (1.019 both).
+        One departure: the class embedding starts at zero (`class_init` times this init; 0 by
+        default), so a conditional model starts as its unconditional twin and learns what the
+        label adds. With the reference's random init (`class_init=1`: a random vector as large
+        as the position signal, added everywhere) the 1,000-step mnist_1d_cond model was 0.026
+        bits/dim behind its unconditional twin; from zero it matches it (1.019 both). At 2,000
+        steps: docs/model.md, Departures: Class embedding init.
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -254,8 +255,11 @@ class ImageTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.class_embed is not None:
+        if self.class_embed is not None and not self.config.class_init:
             nn.init.zeros_(self.class_embed.weight)
+        elif self.class_embed is not None:  # class_init times the init above
+            with torch.no_grad():
+                self.class_embed.weight.mul_(self.config.class_init)
         if self.low_res_embed is not None:  # starts as the paper's model, as the class signal
             nn.init.zeros_(self.low_res_embed.weight)
 

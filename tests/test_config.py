@@ -56,11 +56,12 @@ def test_from_dict_refuses_unknown_keys() -> None:
         TrainConfig.from_dict({"bogus": 1})
 
 
-def test_class_signal_defaults_to_the_input_and_round_trips() -> None:
+def test_class_options_default_to_the_old_model_and_round_trip() -> None:
     """A config saved before class_signal existed loads as the input-only model it was."""
     data = load_preset("mnist_1d_cond").to_dict()
-    del data["class_signal"]
-    assert ImageTransformerConfig.from_dict(data).class_signal == "input"
+    del data["class_signal"], data["class_init"]
+    old = ImageTransformerConfig.from_dict(data)
+    assert (old.class_signal, old.class_init) == ("input", 0.0)
     model, train = apply_overrides(*_tiny(), ["num_classes=10", "class_signal=every_block"])
     assert ImageTransformerConfig.from_json(model.to_json()) == model
     assert model.class_signal == "every_block"
@@ -68,6 +69,8 @@ def test_class_signal_defaults_to_the_input_and_round_trips() -> None:
         apply_overrides(*_tiny(), ["class_signal=every_block"])
     with pytest.raises(UserError, match="every_block"):
         apply_overrides(*_tiny(), ["num_classes=10", "class_signal=everywhere"])
+    with pytest.raises(UserError, match="class_init"):
+        apply_overrides(*_tiny(), ["num_classes=10", "class_init=-1"])
 
 
 # ---------------------------------------------------------------- apply_overrides

@@ -154,6 +154,20 @@ def test_class_embedding_starts_at_zero_then_changes_logits():
     assert not torch.allclose(a, b)
 
 
+def test_class_init_scales_the_variance_scaling_init():
+    """class_init=s: s times tensor2tensor's init of the class table; the other weights are
+    drawn as with zeros (the default), so only the table differs."""
+    torch.manual_seed(0)
+    zero = ImageTransformer(tiny_config(num_classes=3))
+    torch.manual_seed(0)
+    half = ImageTransformer(tiny_config(num_classes=3, class_init=0.5))
+    limit = math.sqrt(3 * 0.2 / ((3 + 16) / 2))
+    table = half.class_embed.weight
+    assert 0.9 * limit * 0.5 < table.abs().max() <= limit * 0.5
+    others = {k: v for k, v in zero.state_dict().items() if k != "class_embed.weight"}
+    assert all(torch.equal(v, half.state_dict()[k]) for k, v in others.items())
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_save_and_load_pretrained(tmp_path, norm_first):
     model = ImageTransformer(tiny_config("local_2d", norm_first=norm_first, pos="learned")).eval()
