@@ -160,3 +160,21 @@ def test_an_integer_model_of_another_format_is_refused_by_name(tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(UserError, match="codec-old.safetensors is an integer model of another"):
         IntegerModel.load(path)
+
+
+@pytest.mark.parametrize("kind", ["local_1d", "local_2d", "global"])
+def test_each_step_reads_a_window_that_holds_exactly_its_keys(kind):
+    """The window of the newest steps a step's query reads (in the doubled ring buffer) admits
+    exactly the steps the attention rule admits, and is no longer than the ring buffer."""
+    from imagetransformer.pattern import AttentionPattern
+    from imagetransformer.tools.integer_model import KeyWindow
+
+    pattern = AttentionPattern.from_config(tiny_config(kind))
+    allowed = pattern.step_slot_mask
+    span = allowed.shape[1]
+    for step, window in enumerate(KeyWindow.all(pattern, torch.device("cpu"))):
+        steps = range(step + 1 - window.length, step + 1)  # what its slots hold
+        admitted = {j for j, m in zip(steps, window.mask.tolist(), strict=True) if m == 0}
+        expected = {j for j in range(max(0, step + 1 - span), step + 1) if allowed[step, j % span]}
+        assert admitted == expected and window.length <= span
+        assert window.start == steps[0] % span and window.start + window.length <= 2 * span

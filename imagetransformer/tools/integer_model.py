@@ -341,12 +341,17 @@ class Attention:
         num = torch.matmul(e, values)  # exact, < 2^53
         return num.div_(e.sum(-1, keepdim=True)).round_()  # the top key's weight: >= 2^20
 
-    def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, mask: torch.Tensor):
-        """x [b, d] at generation step `step`: its key and value go into the ring buffer
-        `cache` [2, b, h, span, dh]."""
+    def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, window: KeyWindow):
+        """x [b, d] at generation step `step`: its key and value go into the doubled ring
+        buffer `cache` [2, b, h, 2 span, dh] (at slot and slot + span), and its query reads
+        the window of the newest keys that holds every key the step may read."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
-        cache[:, :, :, step % cache.shape[3]] = qkv[:, 1:].transpose(0, 1)
-        o = self.attend(qkv[:, 0, :, None], cache[0], cache[1], mask)
+        span = cache.shape[3] // 2
+        kv = qkv[:, 1:].transpose(0, 1)
+        cache[:, :, :, step % span] = kv
+        cache[:, :, :, step % span + span] = kv
+        keys, values = cache[:, :, :, window.start : window.start + window.length].unbind(0)
+        o = self.attend(qkv[:, 0, :, None], keys, values, window.mask)
         return self.out(o.reshape(x.shape[0], -1))
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,6 +361,34 @@ class Attention:
     def over(self, x: torch.Tensor, keys_values) -> torch.Tensor:
         q = self.q(x).view(x.shape[0], self.heads, 1, -1)
         return self.out(self.attend(q, *keys_values, None).reshape(x.shape[0], -1))
+
+
+@dataclass
+class KeyWindow:
+    """What one generation step's query reads: `length` consecutive slots of the doubled ring
+    buffer from `start` (the newest `length` steps, which hold every key the step may read),
+    and the mask over them (0: may read, -inf: may not). Only those keys are read, where a ring
+    buffer under a mask reads all `span` slots: about three quarters of them for local 1D
+    attention, half for global attention."""
+
+    start: int
+    length: int
+    mask: torch.Tensor
+
+    @staticmethod
+    def all(pattern: AttentionPattern, device: torch.device) -> list[KeyWindow]:
+        allowed = pattern.step_slot_mask  # [N, span]
+        n, span = allowed.shape
+        steps, slots = torch.arange(n)[:, None], torch.arange(span)[None]
+        held = steps - (steps - slots) % span  # the step each slot holds at step i
+        oldest = torch.where(allowed, held, n).amin(1).tolist()
+        windows = []
+        for step, first in enumerate(oldest):
+            order = torch.arange(first, step + 1) % span
+            mask = torch.zeros(len(order), dtype=torch.float64)
+            mask.masked_fill_(~allowed[step, order], -math.inf)
+            windows.append(KeyWindow(first % span, step + 1 - first, mask.to(device)))
+        return windows
 
 
 class Block:
@@ -403,10 +436,10 @@ class Block:
                 x = norm((x + f(x)).clamp_(-self.max, self.max))
         return x
 
-    def step(self, x, step, cache, mask, memory_kv=None):
+    def step(self, x, step, cache, window, memory_kv=None):
         return self.run(
             x,
-            lambda h: self.attn.step(h, step, cache, mask),
+            lambda h: self.attn.step(h, step, cache, window),
             lambda h: self.cross.over(h, memory_kv),
         )
 
@@ -518,7 +551,7 @@ def fixed_unit_values(numerators) -> list[int]:
 @dataclass
 class DecodingState:
     batch: int
-    caches: list[torch.Tensor]  # per block: keys and values [2, n, h, span, dh] (ring buffer)
+    caches: list[torch.Tensor]  # per block: keys and values [2, n, h, 2 span, dh] (KeyWindow)
     memory_kvs: list  # per block: the encoder's keys and values (super-resolution), or None
     conditioning: torch.Tensor | None  # [n, 1 or N, d]: the class and low-resolution signals
     values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
@@ -623,10 +656,7 @@ class IntegerModel:
         self.distribution = output_distribution(config)
         self.generation_order = self.pattern.generation_order.to(device)
         self.inverse_order = torch.argsort(self.pattern.generation_order).to(device)
-        allowed = self.pattern.step_slot_mask.to(device)
-        # per step, 0 for the ring-buffer slots it reads and -inf for the others
-        self.masks = torch.zeros(allowed.shape, dtype=torch.float64, device=device)
-        self.masks.masked_fill_(~allowed, -math.inf)
+        self.windows = KeyWindow.all(self.pattern, device)
         self.max = store.ints["res_max"]
         self.channels = config.image_shape[0]
         self.num_mixtures = config.num_mixtures
@@ -743,7 +773,7 @@ class IntegerModel:
         `low_res` uint8 [n, C, h, w] (super-resolution models)."""
         c = self.config
         span, head_dim = self.pattern.cache_span, c.d_model // c.num_heads
-        shape = (2, n, c.num_heads, span, head_dim)  # keys and values
+        shape = (2, n, c.num_heads, 2 * span, head_dim)  # keys and values, each slot twice
         caches = [torch.zeros(shape, dtype=torch.float64, device=self.device) for _ in self.blocks]
         if (labels is None) != (self.class_table is None):
             raise UserError("labels go with class-conditional models, and only with them")
@@ -787,13 +817,13 @@ class IntegerModel:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
         x = x.clamp(-self.max, self.max)
-        mask = self.masks[step]
+        window = self.windows[step]
         for i, (block, cache, memory_kv) in enumerate(
             zip(self.blocks, state.caches, state.memory_kvs, strict=True)
         ):
             if i and state.block_signal is not None:
                 x = (x + state.block_signal).clamp_(-self.max, self.max)
-            x = block.step(x, step, cache, mask, memory_kv)
+            x = block.step(x, step, cache, window, memory_kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
         state.next_step = step + 1
