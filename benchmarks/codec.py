@@ -110,7 +110,10 @@ def measure(run_dir: str, max_images: int, batch_size: int) -> dict:
     integer = quantized(run_dir, torch.device("cpu"), note=lambda _: None)
     labels = best_labels(model, images) if model.config.num_classes else None
     start = time.perf_counter()
-    estimate = float_costs(model, images, labels)  # as the compress command does
+
+    def estimate(chosen: list[int]) -> torch.Tensor:  # as the compress command does
+        return float_costs(model, images[chosen], None if labels is None else labels[chosen])
+
     packed = compress(integer, images, batch_size=batch_size, labels=labels, estimate=estimate)
     compress_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -249,12 +249,19 @@ def test_never_worse_than_storing_the_image(run, digits, monkeypatch):
     packed = compress(integer, images, batch_size=4)
     assert packed.stored == 6
     assert torch.equal(decompress(integer, packed.data), images)
-    # the float model's costs pick the same images up front: each group is coded once
+    # once a group is coded again, the float model's costs pick the images of the later groups
+    # to store up front: those are coded once
     calls = []
     monkeypatch.setattr(codec, "_code_groups", lambda *a: calls.append(1) or code_groups(*a))
-    estimate = float_costs(ImageTransformer.from_pretrained(run), images)
-    assert compress(integer, images, batch_size=4, estimate=estimate).data == packed.data
-    assert len(calls) == 2  # the groups with digits; without the estimate, 5 runs
+    model = ImageTransformer.from_pretrained(run)
+    estimated = compress(
+        integer, images, batch_size=4, estimate=lambda chosen: float_costs(model, images[chosen])
+    )
+    assert estimated.data == packed.data
+    assert len(calls) == 3  # the first group twice, the second once, the third (noise) never
+    calls.clear()
+    assert compress(integer, images, batch_size=4).data == packed.data
+    assert len(calls) == 5  # without the estimate: the first two groups twice, the third once
     only_noise = compress(integer, noise, batch_size=4)
     cheapest = sum(min(x.numel(), len(png_bytes(x.numpy()))) for x in noise)
     assert len(only_noise.data) <= cheapest + HEADER_BYTES + 2 * len(noise)

@@ -82,14 +82,13 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     integer = quantized(args.run_dir, device, load=lambda: model)
     labels = best_labels(model, images) if model.config.num_classes else None
-    estimate = float_costs(model, images, labels)
     result = compress(
         integer,
         images,
         batch_size=args.batch_size,
         progress=True,
         labels=labels,
-        estimate=estimate,
+        estimate=lambda chosen: float_costs(model, images[chosen], _some(labels, chosen)),
     )
     atomic_write_bytes(args.output, result.data)
     stored = f"; {result.stored} stored as PNG or raw (cheaper so)" if result.stored else ""
@@ -104,6 +103,10 @@ def run_compress(args: argparse.Namespace) -> int:
             "decompress gives back the converted images, not those files"
         )
     return 0
+
+
+def _some(labels: torch.Tensor | None, chosen: list[int]) -> torch.Tensor | None:
+    return None if labels is None else labels[chosen]
 
 
 def run_decompress(args: argparse.Namespace) -> int:

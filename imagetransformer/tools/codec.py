@@ -357,7 +357,7 @@ def compress(
     progress: bool = False,
     fallback: bool = True,
     labels: torch.Tensor | None = None,
-    estimate: torch.Tensor | None = None,
+    estimate: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> Compressed:
     """uint8 images [N, C, H, W] (the model's shape) -> the bytes of an .itc file.
 
@@ -366,9 +366,11 @@ def compress(
     instead (its group is coded again without it), unless `fallback` is off. A class-conditional
     model codes each image with its label from `labels` [N] (stored in the file; see
     `best_labels`), a super-resolution model with the image's own area-downsampled copy (stored
-    raw in the file). `estimate` [N]: each image's cost in bits under the float model
-    (`float_costs`), which picks the images to store otherwise before coding, so that a group
-    is coded once (the integer model's exact costs still decide where they differ)."""
+    raw in the file). `estimate(indices)`: those images' costs in bits under the float model
+    (`float_costs`, one parallel pass). Once a group has had to be coded again, it picks the
+    images of every later group to store otherwise before they are coded, so that each is
+    coded once (images the model codes well never pay for the estimate; the integer model's
+    exact costs still decide where the two differ)."""
     _check_shape(model, images)
     labels = _check_labels(model, labels, len(images))
     queue = _constriction().stream.queue
@@ -387,14 +389,13 @@ def compress(
         header.stored[i] = (mode, len(payload))
         return True
 
-    if estimate is not None:
-        for i, cost in enumerate(estimate.tolist()):
-            store_if_cheaper(i, cost)
-    streams, model_bits = [], 0.0
+    streams, model_bits, estimating = [], 0.0, False
     with _bar(len(images), "compress", progress) as bar:
         for start in range(0, len(images), batch_size):
-            members = range(start, min(start + batch_size, len(images)))
-            members = [i for i in members if i not in stored_payloads]
+            members = list(range(start, min(start + batch_size, len(images))))
+            if estimating:
+                costs = zip(members, estimate(members).tolist(), strict=True)
+                members = [i for i, cost in costs if not store_if_cheaper(i, cost)]
             while members:
                 coder = queue.RangeEncoder()
                 coders = _Coders([coder], [len(members)], encode=True)
@@ -407,6 +408,7 @@ def compress(
                     model_bits += float(bits.sum())
                     break
                 members = [i for i in members if i not in worse]
+                estimating = estimate is not None
             bar.update(min(batch_size, len(images) - start))
     out = bytearray(header.to_bytes())
     for words in streams:
