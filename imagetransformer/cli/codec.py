@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=16,
+        default=64,
         help="images coded side by side, sharing one coder stream (larger: a little smaller file)",
     )
     p.add_argument(
@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
     d.add_argument(
         "--batch-size",
         type=int,
-        default=16,
+        default=64,
         help="about how many images to decode side by side (any value gives the same images)",
     )
     common.add_device(d)

@@ -353,7 +353,7 @@ def _check_shape(model: IntegerModel, images: torch.Tensor) -> None:
 def compress(
     model: IntegerModel,
     images: torch.Tensor,
-    batch_size: int = 16,
+    batch_size: int = 64,
     progress: bool = False,
     fallback: bool = True,
     labels: torch.Tensor | None = None,
@@ -426,7 +426,7 @@ def decompress(
     model: IntegerModel,
     data: bytes,
     source: str = "the file",
-    batch_size: int = 16,
+    batch_size: int = 64,
     progress: bool = False,
     with_labels: bool = False,
 ):
