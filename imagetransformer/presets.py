@@ -171,7 +171,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "mnist_sr": Preset(
         dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2, low_res_signal=True),
-        dict(_MNIST_TRAIN, max_steps=1500),
+        _MNIST_TRAIN,
         "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d, "
         "the covering low-resolution pixel in the decoder input)",
     ),
