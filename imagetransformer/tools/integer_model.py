@@ -24,8 +24,9 @@ data compression with latent-variable models", ICLR 2019):
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
 linear layer, where int64 arithmetic took ten operations.
 
-The tables and weights are kept as named integer tensors (`Store`): the same object is made by
-`quantize` and read back by `IntegerModel.load`, and its SHA-256 (`fingerprint`) names it.
+The weights, tables and rescaling constants are kept as named int64 and float64 tensors
+(`Store`): the same object is made by `quantize` and read back by `IntegerModel.load`, and its
+SHA-256 (`fingerprint`) names it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ FREQ_FREE = (1 << FREQ_BITS) - 256
 
 ATT_FRAC, ATT_BITS = 10, 20  # attention softmax: exponents in 2^-10 of a bit, weights < 2^20
 OUT_FRAC, OUT_BITS = 12, 24  # output logits in 2^-12 of a bit, their exponentials < 2^24
-LN_FRAC = 24  # LayerNorm's normalised values in 2^-24
 HEAD_MAX = 2**40
 
 # the mixture of logistics (dmol)
@@ -94,10 +94,6 @@ def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
     """2^(bits - t / 2^frac) for int64 t >= 0, from `table` (2^frac entries: the fractional
     part) and a shift (the integer part)."""
     return table[t & ((1 << frac) - 1)] >> (t >> frac)
-
-
-def bit_length_of(bound: float) -> int:
-    return int(math.ceil(bound)).bit_length()
 
 
 def frequencies(weights: torch.Tensor, bound_bits: int) -> torch.Tensor:
