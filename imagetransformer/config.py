@@ -200,6 +200,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # moving average of the weights, evaluated and saved; 0 disables
     input_noise: float = 0.0  # fraction of training intensities replaced by uniform noise
     label_smoothing: float = 0.0  # training loss only; evaluation never smooths
+    # decoupled weight decay (AdamW) of the weight matrices and embedding tables; 0: Adam
+    weight_decay: float = 0.0
     seed: int = 0
     # fraction of the training images held out to choose the weights on (0: none, keep the last)
     validation_fraction: float = 0.1
@@ -236,6 +238,8 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0 (0: off), got {self.weight_decay}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise UserError(
                 f"validation_fraction must be in [0, 1) (0: no validation split), got "

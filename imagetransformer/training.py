@@ -151,9 +151,19 @@ def perturb(images: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(replace, noise, images)
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Adam:
-    """Adam with the paper's betas (0.9, 0.98) and eps 1e-9, no weight decay."""
-    return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+def make_optimizer(model: torch.nn.Module, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam with the paper's betas (0.9, 0.98) and eps 1e-9, no weight decay; with
+    `weight_decay`, AdamW decaying the weight matrices and embedding tables (parameters of two
+    or more dimensions), not biases or LayerNorm gains."""
+    betas, eps = (0.9, 0.98), 1e-9
+    if not weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=0.0, betas=betas, eps=eps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -322,7 +332,7 @@ class Trainer:
         # each rank its own dropout stream: one shared seed would drop the same units for
         # every rank's different images (rank 0 keeps the single-process stream)
         torch.manual_seed(self.cfg.seed + 1_000_003 * context.rank)
-        self.optimizer = make_optimizer(self.model)
+        self.optimizer = make_optimizer(self.model, self.cfg.weight_decay)
         self.scaler = grad_scaler(self.device, self.cfg.precision)
         # DDP and torch.compile wrap the training loss only; weights, checkpoints and sampling
         # use the plain module (DDP broadcasts rank 0's initial weights)

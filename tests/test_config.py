@@ -265,6 +265,8 @@ def test_train_config_checks() -> None:
         TrainConfig(lr_schedule="linear")
     with pytest.raises(UserError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.0)
+    with pytest.raises(UserError, match="weight_decay"):
+        TrainConfig(weight_decay=-0.1)
 
 
 # ---------------------------------------------------------------- presets (docs/model.md, Presets)

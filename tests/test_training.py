@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from imagetransformer import TrainConfig, UserError
+from imagetransformer import ImageTransformer, TrainConfig, UserError
 from imagetransformer.data import ImageDataset, load_dataset
 from imagetransformer.evaluation import classify, evaluate
 from imagetransformer.run import Run, RunInfo
-from imagetransformer.training import Trainer, batch_indices, learning_rate
+from imagetransformer.training import Trainer, batch_indices, learning_rate, make_optimizer
 
 from .helpers import tiny_config
 
@@ -100,16 +100,17 @@ def test_learning_lowers_bits_per_dim(tmp_path, digits8):
     assert after < 4.0
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, digits8):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_resume_equals_uninterrupted_run(tmp_path, digits8, weight_decay):
     train, _ = digits8
-    straight = _trainer(tmp_path, "straight", train, None)
+    straight = _trainer(tmp_path, "straight", train, None, weight_decay=weight_decay)
     straight.start_new()
     straight.fit(log=False)
 
-    first = _trainer(tmp_path, "broken", train, None, max_steps=7)
+    first = _trainer(tmp_path, "broken", train, None, max_steps=7, weight_decay=weight_decay)
     first.start_new()
     first.fit(log=False)
-    resumed = _trainer(tmp_path, "broken", train, None, max_steps=20)
+    resumed = _trainer(tmp_path, "broken", train, None, max_steps=20, weight_decay=weight_decay)
     resumed.resume()
     assert resumed.step == 7
     resumed.fit(log=False)
@@ -224,6 +225,25 @@ def test_moving_average_is_evaluated_saved_and_resumed(tmp_path, digits8):
         averaged.named_parameters(), resumed.ema.module.named_parameters(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_weight_decay_shrinks_matrices_only():
+    """weight_decay 0 keeps the paper's Adam; above 0, AdamW decays the weight matrices and
+    embedding tables by lr * decay per step, never the biases or LayerNorm gains."""
+    model = ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8)))
+    assert type(make_optimizer(model)) is torch.optim.Adam
+    optimizer = make_optimizer(model, weight_decay=0.5)
+    assert type(optimizer) is torch.optim.AdamW
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (0.95 if p.dim() >= 2 else 1.0)
+        assert torch.allclose(p, expected, atol=1e-7), name
+    assert any(p.dim() < 2 for p in model.parameters())
 
 
 def test_moving_average_warms_up():
