@@ -17,6 +17,11 @@ Each part reads runs trained by the README's commands; from a fresh clone (after
     .venv/bin/imagetransformer train --preset mnist_1d_cond --out runs/cond
     .venv/bin/imagetransformer train --preset mnist_1d_cond --set seed=1 --out runs/cond-judge
     .venv/bin/python benchmarks/quality.py labels runs/cond runs/cond-judge
+    # the same with "no class" in training, and guided samples (docs/model.md, Sampling)
+    .venv/bin/imagetransformer train --preset mnist_1d_cond --set class_dropout=0.1 --out runs/cfg
+    .venv/bin/imagetransformer train --preset mnist_1d_cond --set class_dropout=0.1 \
+        --set seed=1 --out runs/cfg-judge
+    .venv/bin/python benchmarks/quality.py labels runs/cfg runs/cfg-judge --guidance 0 1 2
 
 Every part prints a Markdown table (add `--json PATH` for the figures). Definitions:
 - **per-image codecs**: each test image as its own PNG (Pillow, optimize, level 9) and WebP
@@ -199,27 +204,37 @@ def labels(args: argparse.Namespace) -> dict:
     k = model.config.num_classes
     if not k or judge.config.num_classes != k:
         raise SystemExit("both runs must be class-conditional with the same classes")
-    correct = torch.zeros(k)
-    generator = torch.Generator().manual_seed(0)
-    for label in range(k):
-        wanted = torch.full((args.per_class,), label)
-        samples = model.sample(args.per_class, temperature=1.0, labels=wanted, generator=generator)
-        for start in range(0, args.per_class, 64):
-            predicted = classify(judge, samples[start : start + 64]).argmax(dim=1)
-            correct[label] += int((predicted == label).sum())
     test = run.load_split("test")
     result = {
-        "label_accuracy": float(correct.sum() / (k * args.per_class)),
-        "per_class": (correct / args.per_class).tolist(),
         "bits_per_dim": evaluate(model, test)["bits_per_dim"],
         "judge_test_accuracy": classification_accuracy(judge, test)["accuracy"],
+        "by_guidance": {},
     }
-    print("| run | judge | label accuracy | judge's accuracy on real test digits | test bits/dim |")
-    print("|---|---|---|---|---|")
     print(
-        f"| {args.run} | {args.judge} | {result['label_accuracy']:.1%} | "
-        f"{result['judge_test_accuracy']:.1%} | {result['bits_per_dim']:.4f} |"
+        "| run | judge | guidance | label accuracy | judge's accuracy on real test digits "
+        "| test bits/dim |"
     )
+    print("|---|---|---|---|---|---|")
+    for guidance in args.guidance:
+        correct = torch.zeros(k)
+        generator = torch.Generator().manual_seed(0)
+        for label in range(k):
+            wanted = torch.full((args.per_class,), label)
+            samples = model.sample(
+                args.per_class, 1.0, labels=wanted, generator=generator, guidance=guidance
+            )
+            for start in range(0, args.per_class, 64):
+                predicted = classify(judge, samples[start : start + 64]).argmax(dim=1)
+                correct[label] += int((predicted == label).sum())
+        accuracy = float(correct.sum() / (k * args.per_class))
+        result["by_guidance"][guidance] = {
+            "label_accuracy": accuracy,
+            "per_class": (correct / args.per_class).tolist(),
+        }
+        print(
+            f"| {args.run} | {args.judge} | {guidance:g} | {accuracy:.1%} | "
+            f"{result['judge_test_accuracy']:.1%} | {result['bits_per_dim']:.4f} |"
+        )
     return result
 
 
@@ -273,6 +288,13 @@ def main() -> None:
     p.add_argument("run")
     p.add_argument("judge")
     p.add_argument("--per-class", type=int, default=100)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="classifier-free guidance weights to measure (runs trained with class_dropout)",
+    )
     p.set_defaults(func=labels)
     p = sub.add_parser("curve", help="learning curve: train against validation bits/dim")
     p.add_argument("run")

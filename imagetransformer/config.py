@@ -62,6 +62,9 @@ class ImageTransformerConfig:
     # input: the class embedding is added to the decoder's input (as the paper); every_block:
     # the same embedding is added again to the residual stream before every later block
     class_signal: str = "input"
+    # fraction of training labels replaced by "no class", an extra row of the class table
+    # (label num_classes): the model also learns p(x), and samplers can guide by the class
+    class_dropout: float = 0.0
     output: str = "cat"  # cat: 256-way softmax per sub-pixel; dmol: logistic mixture per pixel
     num_mixtures: int = 10  # dmol components
     task: str = "generate"  # generate: p(x) or p(x | y); superres: p(x | area-downsampled x)
@@ -70,6 +73,9 @@ class ImageTransformerConfig:
     # superres: add an embedding of the low-resolution pixel that covers each output position
     # to the decoder's input at that position (docs/model.md, Departures)
     low_res_signal: bool = False
+    # superres: also add a learned upsampling of the 3x3 low-resolution pixels around the
+    # covering one, a linear map per place within the s x s block (docs/model.md, Departures)
+    low_res_upsample: bool = False
     # add an embedding of the value directly above each position (same column and channel, one
     # row up, generated earlier in every attention type's order) to the decoder's input there
     above_signal: bool = False
@@ -121,12 +127,17 @@ class ImageTransformerConfig:
                 f"class_signal={self.class_signal} needs a class-conditional model "
                 "(--set num_classes=K)"
             )
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise UserError(f"class_dropout must be in [0, 1) (0: off), got {self.class_dropout}")
+        if self.class_dropout and not self.num_classes:
+            raise UserError("class_dropout needs a class-conditional model (--set num_classes=K)")
         if self.num_mixtures < 1:
             raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
         if self.task == "superres":
             self._validate_superres()
-        elif self.low_res_signal:
-            raise UserError("low_res_signal needs a super-resolution model (--task superres)")
+        elif self.low_res_signal or self.low_res_upsample:
+            name = "low_res_signal" if self.low_res_signal else "low_res_upsample"
+            raise UserError(f"{name} needs a super-resolution model (--task superres)")
         for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

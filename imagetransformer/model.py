@@ -156,6 +156,19 @@ def covering_pixel(config: ImageTransformerConfig) -> torch.Tensor:
     return (y // s) * (w // s) + x // s
 
 
+def place_in_block(config: ImageTransformerConfig) -> torch.Tensor:
+    """[N] for every raster position of the output: which of the s * s places of its
+    low-resolution block it takes, times the positions per pixel, plus its own (a channel
+    for the categorical output): the index of its map in the learned upsampling."""
+    c, h, w = config.image_shape
+    s = config.scale
+    per_pixel = OUTPUT_TYPES[config.output].positions_per_pixel(c)
+    raster = torch.arange(h * w * per_pixel)
+    pixel = raster // per_pixel
+    y, x = pixel // w, pixel % w
+    return ((y % s) * s + x % s) * per_pixel + raster % per_pixel
+
+
 class Encoder(nn.Module):
     """The super-resolution encoder: the low-resolution image embedded with its own table (one
     position per channel intensity), timing signals placed on the output grid (see
@@ -215,7 +228,9 @@ class ImageTransformer(nn.Module):
             self.col_embed = nn.Embedding(grid_cols, d)
             self.register_buffer("_rows", rows.clone(), persistent=False)
             self.register_buffer("_cols", cols.clone(), persistent=False)
-        self.class_embed = nn.Embedding(config.num_classes, d) if config.num_classes else None
+        self.class_embed = None
+        if config.num_classes:  # one more row for "no class" when labels are dropped
+            self.class_embed = nn.Embedding(config.num_classes + bool(config.class_dropout), d)
         self.input_dropout = nn.Dropout(config.dropout)
         superres = config.task == "superres"
         self.encoder = Encoder(config) if superres else None
@@ -226,7 +241,13 @@ class ImageTransformer(nn.Module):
         self.low_res_embed = None
         if superres and config.low_res_signal:
             self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
+        if superres and (config.low_res_signal or config.low_res_upsample):
             self.register_buffer("_covering", covering_pixel(config)[order], persistent=False)
+        self.low_res_upsample = None
+        if superres and config.low_res_upsample:
+            places = config.scale**2 * self.distribution.positions_per_pixel(config.image_shape[0])
+            self.low_res_upsample = nn.Linear(9 * config.image_shape[0], places * d, bias=False)
+            self.register_buffer("_place", place_in_block(config)[order], persistent=False)
         self.blocks = nn.ModuleList(
             Block(config, cross_attention=superres) for _ in range(config.num_layers)
         )
@@ -262,6 +283,8 @@ class ImageTransformer(nn.Module):
                 self.class_embed.weight.mul_(self.config.class_init)
         if self.low_res_embed is not None:  # starts as the paper's model, as the class signal
             nn.init.zeros_(self.low_res_embed.weight)
+        if self.low_res_upsample is not None:
+            nn.init.zeros_(self.low_res_upsample.weight)
 
     # Inputs ------------------------------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -283,7 +306,15 @@ class ImageTransformer(nn.Module):
             raise UserError("image intensities must lie in 0..255")
         return images.long()
 
+    @property
+    def null_label(self) -> int | None:
+        """The label that means "no class" (`num_classes`) in a model trained with
+        `class_dropout`; None in any other model."""
+        return self.config.num_classes if self.config.class_dropout else None
+
     def check_labels(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Labels [batch] on the model's device; a model trained with `class_dropout` also
+        takes `null_label` ("no class": the image's distribution over all classes)."""
         k = self.config.num_classes
         if k == 0:
             if labels is not None:
@@ -297,9 +328,20 @@ class ImageTransformer(nn.Module):
         labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.numel() == 1 and batch > 1:
             labels = labels.expand(batch)
-        if labels.numel() != batch or (self._read_labels(labels) and not _in_range(labels, k)):
-            raise UserError(f"labels must be {batch} integers in 0..{k - 1}")
+        allowed = k + (self.null_label is not None)
+        if labels.numel() != batch or (
+            self._read_labels(labels) and not _in_range(labels, allowed)
+        ):
+            raise UserError(f"labels must be {batch} integers in 0..{allowed - 1}")
         return labels.to(self.head.weight.device)
+
+    def drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """In training with `class_dropout`: each label replaced by `null_label` with that
+        probability (from torch's generator, as dropout's masks, so resume stays exact)."""
+        if labels is None or not self.training or not self.config.class_dropout:
+            return labels
+        dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        return labels.masked_fill(dropped, self.null_label)
 
     def _read_labels(self, labels: torch.Tensor) -> bool:
         """Whether `check_labels` reads the labels' values to check their range: not inside a
@@ -359,13 +401,29 @@ class ImageTransformer(nn.Module):
     def low_res_signal(self, low_res: torch.Tensor | None) -> torch.Tensor | float:
         """[B, N, d]: at each generation step, the embedding of the low-resolution pixel that
         covers the position it predicts (the sum over its channels); 0 without one."""
-        if self.low_res_embed is None or low_res is None:
+        if low_res is None:
             return 0.0
+        signal = self.low_res_upsample_signal(low_res)
+        if self.low_res_embed is None:
+            return signal
         c = low_res.shape[1]
         pixels = rearrange(low_res.long(), "b c h w -> b (h w) c")
         tokens = pixels + 256 * torch.arange(c, device=low_res.device)
         per_pixel = self.low_res_embed(tokens).sum(2) * math.sqrt(self.config.d_model)
-        return per_pixel[:, self._covering]
+        return per_pixel[:, self._covering] + signal
+
+    def low_res_upsample_signal(self, low_res: torch.Tensor) -> torch.Tensor | float:
+        """[B, N, d]: with `low_res_upsample`, a learned upsampling of the low-resolution image
+        to every generation step: the 3x3 low-resolution pixels around the one covering the
+        position (edges repeated, intensities scaled to [-1, 1]) through the linear map of the
+        position's place in that block; 0 without it."""
+        if self.low_res_upsample is None:
+            return 0.0
+        d = self.config.d_model
+        x = F.pad(low_res.float() / 127.5 - 1.0, (1, 1, 1, 1), mode="replicate")
+        around = F.unfold(x, 3).transpose(1, 2)  # [B, h*w, C*9]
+        maps = self.low_res_upsample(around).unflatten(-1, (-1, d))  # [B, h*w, places, d]
+        return maps[:, self._covering, self._place] * math.sqrt(d)
 
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
@@ -399,7 +457,7 @@ class ImageTransformer(nn.Module):
         """[B, N, P] head outputs; entry i predicts the element generated at step i."""
         seq = self.to_steps(images)
         batch = seq.shape[0]
-        labels = self.check_labels(labels, batch)
+        labels = self.drop_labels(self.check_labels(labels, batch))
         low_res = self.check_low_res(low_res, images, batch)
         memory = self.encoder(low_res) if self.encoder is not None else None
         steps = torch.arange(seq.shape[1], device=seq.device)

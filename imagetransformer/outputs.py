@@ -118,6 +118,12 @@ class OutputDistribution(ABC):
                 f"top-k / nucleus filtering applies to the categorical output only, not {self.name}"
             )
 
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+        """Classifier-free guidance: parameters [B, P] of the distribution proportional to
+        p(v | y)^(1+weight) / p(v)^weight, from the class-conditional `cond` and the
+        "no class" `uncond` outputs of one step."""
+        raise UserError(f"guidance applies to the categorical output only, not {self.name}")
+
     def check_label_smoothing(self, label_smoothing: float) -> None:
         if label_smoothing and not self.supports_label_smoothing:
             raise UserError(
@@ -210,6 +216,11 @@ class Categorical(OutputDistribution):
         self, params: torch.Tensor, value: torch.Tensor, channel: int
     ) -> torch.Tensor:
         return torch.softmax(params.double(), dim=-1)
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+        """Log-probabilities mixed in log space: (1 + w) log p(v | y) - w log p(v)."""
+        cond, uncond = cond.float().log_softmax(-1), uncond.float().log_softmax(-1)
+        return (1.0 + weight) * cond - weight * uncond
 
     def draw(
         self,

@@ -58,6 +58,7 @@ def sample(
     top_p: float = 1.0,
     low_res: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    guidance: float = 0.0,
 ):
     """Cached sampling of `n` images; the first `keep` generation steps are copied from `prefix`.
 
@@ -65,16 +66,24 @@ def sample(
     `return_logits`, for tests). A super-resolution model runs its encoder once on `low_res`.
     `on_step(steps_done, values)` is called after every step with the values so far in
     generation order (`model.from_steps` makes images of them): how a caller watches the image
-    grow, or stops the sampler by raising.
+    grow, or stops the sampler by raising. `guidance` w > 0 (models trained with
+    `class_dropout`) draws every step from p(v | y)^(1+w) / p(v)^w, decoding each image twice,
+    with its label and with "no class" (classifier-free guidance).
     """
     with model.evaluating():
         values = _prepare(model, n, prefix, keep, top_k, top_p)
-        state = model.start_decoding(n, labels, low_res)
+        copies = 1
+        if guidance:
+            labels, low_res = _guided_inputs(model, n, labels, low_res, guidance)
+            copies = 2
+        state = model.start_decoding(copies * n, labels, low_res)
         n_pos = values.shape[1]
         all_logits = None
         for step in tqdm(range(n_pos), desc="sampling", disable=not progress, leave=False):
-            previous = values[:, step - 1] if step > 0 else None
-            logits = model.decode_step(state, step, previous)
+            previous = values[:, step - 1].repeat(copies, *[1] * (values.dim() - 2))
+            logits = model.decode_step(state, step, previous if step > 0 else None)
+            if guidance:
+                logits = model.distribution.guide(logits[:n], logits[n:], guidance)
             if return_logits:
                 if all_logits is None:
                     all_logits = logits.new_zeros(n, n_pos, logits.shape[-1])
@@ -87,6 +96,29 @@ def sample(
                 on_step(step + 1, values)
         images = model.from_steps(values)
     return (images, all_logits) if return_logits else images
+
+
+def _guided_inputs(
+    model: ImageTransformer,
+    n: int,
+    labels: torch.Tensor | None,
+    low_res: torch.Tensor | None,
+    guidance: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The labels and low-resolution inputs of the 2n images a guided sampler decodes: the n
+    given labels, then n times "no class"."""
+    if guidance < 0:
+        raise UserError(f"guidance must be >= 0 (0: off), got {guidance}")
+    if model.null_label is None:
+        raise UserError(
+            "guidance needs a class-conditional model trained with class_dropout > 0 "
+            "(--set class_dropout=0.1)"
+        )
+    labels = model.check_labels(labels, n)
+    labels = torch.cat([labels, torch.full_like(labels, model.null_label)])
+    if low_res is not None:
+        low_res = torch.cat([low_res, low_res])
+    return labels, low_res
 
 
 def sample_reference(

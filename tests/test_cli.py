@@ -284,7 +284,12 @@ def test_eval_on_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys) -> No
 
 
 @pytest.mark.parametrize(
-    "extra, needle", [(["--n", "0"], "--n"), (["--label", "3"], "unconditional")]
+    "extra, needle",
+    [
+        (["--n", "0"], "--n"),
+        (["--label", "3"], "unconditional"),
+        (["--guidance", "1"], "class_dropout"),
+    ],
 )
 def test_sample_errors(extra, needle, trained, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
@@ -429,9 +434,18 @@ def test_complete_from_split_and_from_a_file(trained: Path, tmp_path, capsys) ->
     assert code == 2 and "cannot read image" in capsys.readouterr().err
 
 
-def test_eval_classify_on_a_conditional_run(tmp_path, capsys) -> None:
-    code, _, stderr = _train(tmp_path / "cond", "--set", "max_steps=3", "--set", "num_classes=10")
+def test_eval_classify_and_guided_sampling_on_a_conditional_run(tmp_path, capsys) -> None:
+    """A class-conditional run trained with class_dropout classifies over its 10 classes (not
+    the "no class" row) and samples with guidance."""
+    code, _, stderr = _train(
+        tmp_path / "cond",
+        *("--set", "max_steps=3", "--set", "num_classes=10", "--set", "class_dropout=0.1"),
+    )
     assert code == 0, stderr
+    grid = tmp_path / "guided.png"
+    args = ["sample", str(tmp_path / "cond"), "--n", "2", "--label", "3", "--guidance", "1"]
+    assert main([*args, "--out", str(grid)]) == 0 and grid.exists()
+    capsys.readouterr()
     assert main(["eval", str(tmp_path / "cond"), "--json", "--classify", "--limit", "20"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     c = result["classification"]

@@ -54,6 +54,11 @@ CASES = {
 
 EVERY_BLOCK = "cat class_signal=every_block"
 CASES[EVERY_BLOCK] = ("local_1d", dict(output="cat", num_classes=3, class_signal="every_block"))
+CASES["cat super-resolution low_res_upsample"] = (
+    "local_1d",
+    dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_upsample": True}),
+)
+CASES["cat class_dropout"] = ("local_1d", dict(output="cat", num_classes=3, class_dropout=0.1))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,7 +69,7 @@ def test_integer_bits_follow_the_float_model(case):
     about 1e-3: the tolerance sees it."""
     kind, options = CASES[case]
     model = ImageTransformer(tiny_config(kind, **options)).eval()
-    for table in (model.class_embed, model.low_res_embed):
+    for table in (model.class_embed, model.low_res_embed, model.low_res_upsample):
         if table is not None:  # they start at zero: make them matter
             torch.nn.init.normal_(table.weight, std=0.3)
     images = _images()[..., : model.config.image_shape[2]].contiguous()

@@ -88,3 +88,72 @@ def test_complete_keeps_whole_rows_or_block_rows():
     images = torch.randint(0, 256, (2, 1, 8, 12), dtype=torch.uint8)
     out = two_d.complete(images, 48, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :, :4], images[:, :, :4])  # the top block row, bit for bit
+
+
+def _guided_model(kind: str = "local_1d", **overrides) -> ImageTransformer:
+    config = tiny_config(kind, image_shape=(1, 4, 6), num_classes=3, class_dropout=0.5, **overrides)
+    model = ImageTransformer(config)
+    torch.nn.init.normal_(model.class_embed.weight)  # it starts at zero: make it matter
+    return model
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION_CONFIGS))
+def test_guided_sampler_draws_from_the_guided_distribution(kind):
+    """Each guided step's logits are (1 + w) log p(v | y) - w log p(v | no class), with both
+    terms those of the full model on the finished images."""
+    model = _guided_model(kind)
+    labels = torch.tensor([0, 2])
+    images, logits = sample(
+        model,
+        2,
+        labels=labels,
+        guidance=1.5,
+        generator=torch.Generator().manual_seed(1),
+        return_logits=True,
+    )
+    with torch.no_grad():
+        cond = model.eval().logits_in_generation_order(images, labels).log_softmax(-1)
+        uncond = model.logits_in_generation_order(images, torch.tensor([3, 3])).log_softmax(-1)
+    assert torch.allclose(logits, 2.5 * cond - 1.5 * uncond, atol=1e-4)
+    plain = sample(model, 2, labels=labels, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(images, plain)
+
+
+def test_guidance_is_refused_where_it_cannot_apply():
+    from imagetransformer import UserError
+
+    with pytest.raises(UserError, match="class_dropout"):
+        sample(
+            ImageTransformer(tiny_config(num_classes=2)),
+            2,
+            labels=torch.tensor([0, 1]),
+            guidance=1.0,
+        )
+    with pytest.raises(UserError, match="class_dropout"):
+        sample(ImageTransformer(tiny_config()), 2, guidance=1.0)
+    with pytest.raises(UserError, match="categorical output only"):
+        sample(
+            _guided_model(output="dmol", num_mixtures=2), 1, labels=torch.tensor([0]), guidance=1.0
+        )
+    with pytest.raises(UserError, match="guidance must be >= 0"):
+        sample(_guided_model(), 1, labels=torch.tensor([0]), guidance=-1.0)
+
+
+def test_class_dropout_drops_labels_in_training_only():
+    """About class_dropout of the training labels become "no class" (label num_classes, which
+    the model also takes on purpose); evaluation never drops."""
+    from imagetransformer import UserError
+
+    model = _guided_model()
+    assert model.null_label == 3 and model.class_embed.num_embeddings == 4
+    labels = torch.zeros(4000, dtype=torch.long)
+    torch.manual_seed(0)
+    dropped = model.train().drop_labels(labels)
+    assert set(dropped.unique().tolist()) == {0, 3}
+    assert (dropped == 3).float().mean() == pytest.approx(0.5, abs=0.03)
+    assert torch.equal(model.eval().drop_labels(labels), labels)
+    model.check_labels(torch.tensor([3]), 1)  # "no class" is a label this model takes
+    with pytest.raises(UserError, match=r"integers in 0\.\.3"):
+        model.check_labels(torch.tensor([4]), 1)
+    with pytest.raises(UserError, match=r"integers in 0\.\.2"):
+        ImageTransformer(tiny_config(num_classes=3)).check_labels(torch.tensor([3]), 1)

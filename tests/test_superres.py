@@ -168,13 +168,19 @@ def test_completion_of_a_superres_model_uses_the_images_own_input():
     assert torch.equal(out[:, :, :2], images[:, :, :2])
 
 
-def _with_low_res_signal(kind="local_1d", **extra) -> ImageTransformer:
-    """A model with the low-resolution signal, its embedding made non-zero (it starts at 0)."""
-    model = ImageTransformer(sr_config(kind, low_res_signal=True, **extra))
-    torch.nn.init.normal_(
-        model.low_res_embed.weight, std=0.5, generator=torch.Generator().manual_seed(4)
-    )
+def _with_signals(kind="local_1d", **extra) -> ImageTransformer:
+    """A model with the given low-resolution signals, their weights made non-zero (they start
+    at 0)."""
+    model = ImageTransformer(sr_config(kind, **extra))
+    generator = torch.Generator().manual_seed(4)
+    for layer in (model.low_res_embed, model.low_res_upsample):
+        if layer is not None:
+            torch.nn.init.normal_(layer.weight, std=0.5, generator=generator)
     return model
+
+
+def _with_low_res_signal(kind="local_1d", **extra) -> ImageTransformer:
+    return _with_signals(kind, low_res_signal=True, **extra)
 
 
 @pytest.mark.parametrize("output", ["cat", "dmol"])
@@ -222,3 +228,46 @@ def test_with_the_low_resolution_signal_decoding_stays_causal_and_exact(kind, ou
 def test_the_low_resolution_signal_needs_a_superres_model():
     with pytest.raises(UserError, match="low_res_signal needs a super-resolution model"):
         tiny_config(low_res_signal=True)
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+def test_the_upsampling_reads_the_3x3_pixels_around_the_covering_one(output):
+    """Each position's signal is its place's map of the 3x3 low-resolution neighbourhood of
+    the pixel covering it (edges repeated): changing one low-resolution pixel changes the
+    positions of its own block and of the eight around it, and nothing else."""
+    extra = dict(output="dmol", num_mixtures=2) if output == "dmol" else {}
+    model = _with_signals(image_shape=(3, 8, 8), low_res_upsample=True, **extra).eval()
+    _, low_res = images_and_low_res(model.config)
+    c, h, w = model.config.image_shape
+    per_pixel = 1 if output == "dmol" else c
+    signal = model.low_res_signal(low_res)
+    other = low_res.clone()
+    other[:, :, 1, 2] ^= 0x40  # low-resolution row 1, column 2 (scale 2: a 4x4 input)
+    changed = (model.low_res_signal(other) - signal).abs().amax(dim=(0, 2)) > 0  # [N]
+    pixel = model.generation_order // per_pixel  # the pixel predicted at each step
+    low_y, low_x = (pixel // w) // 2, (pixel % w) // 2
+    near = ((low_y - 1).abs() <= 1) & ((low_x - 2).abs() <= 1)
+    assert torch.equal(changed, near) and int(near.sum()) == 9 * 4 * per_pixel
+    # one position by hand: the raster position of pixel (0, 1), its last channel
+    step = model.generation_order.tolist().index(1 * per_pixel + per_pixel - 1)
+    x = torch.nn.functional.pad(low_res.float() / 127.5 - 1, (1, 1, 1, 1), mode="replicate")
+    around = x[:, :, 0:3, 0:3].flatten(1)  # the 3x3 around low-resolution pixel (0, 0)
+    place = 1 * per_pixel + per_pixel - 1  # place (0, 1) in its 2x2 block, that channel
+    weight = model.low_res_upsample.weight.unflatten(0, (-1, model.config.d_model))[place]
+    expected = around @ weight.T * model.config.d_model**0.5
+    assert torch.allclose(signal[:, step], expected, atol=1e-5)
+    plain = ImageTransformer(sr_config(low_res_upsample=True, **extra))  # starts at zero
+    assert plain.low_res_signal(low_res).abs().max() == 0
+
+
+@pytest.mark.parametrize("kind,output", [("local_1d", "cat"), ("local_2d", "dmol")])
+def test_with_the_upsampling_samplers_agree(kind, output):
+    settings = _output_settings(kind, output)
+    model = _with_signals(kind, low_res_signal=True, low_res_upsample=True, **settings).eval()
+    _, low_res = images_and_low_res(model.config)
+    _samplers_agree(model, low_res)
+
+
+def test_the_upsampling_needs_a_superres_model():
+    with pytest.raises(UserError, match="low_res_upsample needs a super-resolution model"):
+        tiny_config(low_res_upsample=True)

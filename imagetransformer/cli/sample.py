@@ -25,6 +25,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--label", type=int, help="class to sample (class-conditional models)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance weight w: draw from p(x|y)^(1+w) / p(x)^w (models "
+        "trained with class_dropout; 0: off)",
+    )
     p.add_argument("--out", default="samples.png", help="PNG grid path")
     p.add_argument("--npy", help="also save the uint8 array [n, C, H, W] here")
     common.add_device(p)
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             top_k=args.top_k,
             top_p=args.top_p,
+            guidance=args.guidance,
         )
     seconds = time.perf_counter() - started
     path = save_grid(images.cpu(), args.out)

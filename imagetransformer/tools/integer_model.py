@@ -51,7 +51,7 @@ from ..config import ImageTransformerConfig
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..layout import area_downsample, images_to_raster, raster_channel
-from ..model import above_steps, covering_pixel
+from ..model import above_steps, covering_pixel, place_in_block
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
 
@@ -673,10 +673,15 @@ class IntegerModel:
         # the class signal again before every later block (`class_signal="every_block"`)
         self.class_every_block = getattr(config, "class_signal", "input") == "every_block"
         self.encoder = Encoder(store, device, config) if config.task == "superres" else None
-        self.low_res_table = None
+        self.low_res_table = self.low_res_upsample = None
+        order = self.pattern.generation_order
         if "low_res_embed" in store.tensors:
             self.low_res_table = store.values("low_res_embed", device)
-            self.covering = covering_pixel(config)[self.pattern.generation_order].to(device)
+        if "low_res_upsample.weight" in store.tensors:
+            self.low_res_upsample = Linear(store, "low_res_upsample", device)
+            self.place = place_in_block(config)[order].to(device)
+        if self.low_res_table is not None or self.low_res_upsample is not None:
+            self.covering = covering_pixel(config)[order].to(device)
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
             self.inverse_scale = store.get("inverse_scale", device)
@@ -790,11 +795,22 @@ class IntegerModel:
                 tokens = pixels + 256 * torch.arange(pixels.shape[-1], device=self.device)
                 signal = self.low_res_table[tokens].sum(2)[:, self.covering]  # [n, N, d]
                 conditioning = signal if conditioning is None else conditioning + signal
+            if self.low_res_upsample is not None:
+                signal = self.upsample(low_res)
+                conditioning = signal if conditioning is None else conditioning + signal
         values = None
         if self.above_embed is not None:  # every value so far: the rows above are read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
         return DecodingState(n, caches, memory_kvs, conditioning, values, block_signal)
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """[n, N, d]: the learned upsampling (`low_res_upsample`) in integers: the 3x3
+        neighbourhood (edges repeated) of intensities 2v - 255 through each place's map."""
+        x = F.pad(2 * low_res.double() - 255, (1, 1, 1, 1), mode="replicate")
+        around = F.unfold(x, 3).transpose(1, 2)  # [n, h*w, C*9]: copies, no arithmetic
+        maps = self.low_res_upsample(around).unflatten(-1, (-1, self.config.d_model))
+        return maps[:, self.covering, self.place]
 
     def step(self, state: DecodingState, step: int, previous: torch.Tensor | None):
         """The head's integer outputs [n, P] for generation step `step` given the values of step
@@ -973,6 +989,11 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
             table_of(store, "class_embed", model.class_embed.weight, root_d, unit, res_max)
         if model.low_res_embed is not None:
             table_of(store, "low_res_embed", model.low_res_embed.weight, root_d, unit, res_max)
+        if model.low_res_upsample is not None:  # inputs 2v - 255 in units of 1/255, times sqrt(d)
+            upsample = model.low_res_upsample
+            Linear.make(
+                store, "low_res_upsample", upsample, 1 / 255, 255, unit / root_d, -res_max, res_max
+            )
         if model.encoder is not None:
             scales = [block_scales(f"encoder.{i}") for i in range(config.encoder_layers)]
             Encoder.make(store, model.encoder, unit, res_max, scales)
