@@ -59,6 +59,7 @@ from imagetransformer.evaluation import classification_accuracy, classify, evalu
 from imagetransformer.layout import area_downsample  # noqa: E402
 from imagetransformer.metrics import consistency, psnr  # noqa: E402
 from imagetransformer.run import Run  # noqa: E402
+from imagetransformer.sampling import default_guidance  # noqa: E402
 
 SMALL_FOLDER_PHOTOS = (  # 6 everyday photos a user might have: a portrait, a cat, a cup, ...
     "skimage-data-astronaut",
@@ -215,7 +216,7 @@ def labels(args: argparse.Namespace) -> dict:
         "| test bits/dim |"
     )
     print("|---|---|---|---|---|---|")
-    for guidance in args.guidance:
+    for guidance in args.guidance or [default_guidance(model)]:
         correct = torch.zeros(k)
         generator = torch.Generator().manual_seed(0)
         for label in range(k):
@@ -292,8 +293,8 @@ def main() -> None:
         "--guidance",
         type=float,
         nargs="+",
-        default=[0.0],
-        help="classifier-free guidance weights to measure (runs trained with class_dropout)",
+        help="classifier-free guidance weights to measure (runs trained with class_dropout; "
+        "default: the weight `sample` uses for the run)",
     )
     p.set_defaults(func=labels)
     p = sub.add_parser("curve", help="learning curve: train against validation bits/dim")

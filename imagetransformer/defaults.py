@@ -26,3 +26,6 @@ COMPLETE = Draws(n=4, temperature=1.0, keep=0.5)
 UPSCALE = Draws(n=4, temperature=0.9)
 BY_VERB = {"sample": SAMPLE, "complete": COMPLETE, "upscale": UPSCALE}
 SEED = 0  # every generating verb's, and the playground's, seed when none is given
+# classifier-free guidance weight with which `sample` (and the playground's sample page) draws
+# from a model trained with class_dropout; every other model samples plain p(x | y): 0
+GUIDANCE = 1.0

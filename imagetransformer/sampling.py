@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .defaults import GUIDANCE
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -98,6 +99,23 @@ def sample(
     return (images, all_logits) if return_logits else images
 
 
+def default_guidance(model: ImageTransformer) -> float:
+    """The guidance `sample` uses unless told: `defaults.GUIDANCE` for a model trained with
+    class_dropout (it has a "no class" label), 0 for any other."""
+    return GUIDANCE if model.null_label is not None else 0.0
+
+
+def check_guidance(model: ImageTransformer, guidance: float) -> None:
+    """Refuse a guidance weight below 0, or above 0 for a model without a "no class" label."""
+    if guidance < 0:
+        raise UserError(f"guidance must be >= 0 (0: off), got {guidance}")
+    if guidance and model.null_label is None:
+        raise UserError(
+            "guidance needs a class-conditional model trained with class_dropout > 0 "
+            "(--set class_dropout=0.1)"
+        )
+
+
 def _guided_inputs(
     model: ImageTransformer,
     n: int,
@@ -107,13 +125,7 @@ def _guided_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The labels and low-resolution inputs of the 2n images a guided sampler decodes: the n
     given labels, then n times "no class"."""
-    if guidance < 0:
-        raise UserError(f"guidance must be >= 0 (0: off), got {guidance}")
-    if model.null_label is None:
-        raise UserError(
-            "guidance needs a class-conditional model trained with class_dropout > 0 "
-            "(--set class_dropout=0.1)"
-        )
+    check_guidance(model, guidance)
     labels = model.check_labels(labels, n)
     labels = torch.cat([labels, torch.full_like(labels, model.null_label)])
     if low_res is not None:

@@ -143,9 +143,13 @@ def test_class_dropout_drops_labels_in_training_only():
     """About class_dropout of the training labels become "no class" (label num_classes, which
     the model also takes on purpose); evaluation never drops."""
     from imagetransformer import UserError
+    from imagetransformer.defaults import GUIDANCE
+    from imagetransformer.sampling import default_guidance
 
     model = _guided_model()
     assert model.null_label == 3 and model.class_embed.num_embeddings == 4
+    assert default_guidance(model) == GUIDANCE > 0  # `sample` guides such a model by default
+    assert default_guidance(ImageTransformer(tiny_config(num_classes=3))) == 0
     labels = torch.zeros(4000, dtype=torch.long)
     torch.manual_seed(0)
     dropped = model.train().drop_labels(labels)

@@ -14,11 +14,12 @@ import torch
 from ..defaults import BY_VERB, COMPLETE, SEED
 from ..errors import UserError
 from ..model import ImageTransformer
-from ..sampling import sample_labels
+from ..sampling import check_guidance, default_guidance, sample_labels
 from .generation import Generation
 
 MAX_N = 64
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 20.0  # the largest classifier-free guidance weight a page may ask for
 # n and temperature (and keep) of each page when not given: its command-line verb's defaults
 DEFAULTS = {verb: draws.as_dict() for verb, draws in BY_VERB.items()}
 
@@ -117,6 +118,8 @@ def sample(model: ImageTransformer, params: Mapping[str, str]) -> Generation:
     draws = Draws.parse(params, "sample")
     device = _device(model)
     labels = sample_labels(model.config.num_classes, draws.n, chosen_class(params, model), device)
+    guidance = number(params, "guidance", default_guidance(model), 0.0, MAX_GUIDANCE)
+    check_guidance(model, guidance)
 
     def draw(on_step) -> torch.Tensor:
         return model.sample(
@@ -125,6 +128,7 @@ def sample(model: ImageTransformer, params: Mapping[str, str]) -> Generation:
             labels=labels,
             generator=draws.generator(device),
             on_step=on_step,
+            guidance=guidance,
         )
 
     return Generation(model, draw)
