@@ -171,10 +171,17 @@ PRESETS: dict[str, Preset] = {
         "CPU: mnist5k with the mixture-of-logistics output (one position per pixel)",
     ),
     "mnist_sr": Preset(
-        dict(_MNIST_1D, task="superres", scale=4, encoder_layers=2, low_res_signal=True),
+        dict(
+            _MNIST_1D,
+            task="superres",
+            scale=4,
+            encoder_layers=2,
+            low_res_signal=True,
+            low_res_upsample=True,
+        ),
         _MNIST_TRAIN,
         "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d, "
-        "the covering low-resolution pixel in the decoder input)",
+        "the covering low-resolution pixel and a learned upsampling in the decoder input)",
     ),
     "cifar10_1d_dmol": Preset(
         dict(
