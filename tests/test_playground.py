@@ -23,6 +23,7 @@ from PIL import Image
 from imagetransformer import ImageTransformer
 from imagetransformer.cli import build_parser, main
 from imagetransformer.cli.common import open_model, read_image
+from imagetransformer.defaults import GUIDANCE
 from imagetransformer.errors import UserError
 from imagetransformer.grid import make_grid
 from imagetransformer.images import channel_count, check_channels
@@ -66,7 +67,8 @@ def sr_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("cond") / "run", "--set", "num_classes=10")
+    path = tmp_path_factory.mktemp("cond") / "run"
+    return _train(path, "--set", "num_classes=10", "--set", "class_dropout=0.1")
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +239,13 @@ def test_a_class_conditional_run_samples_the_asked_class(cond_run) -> None:
     model = open_model(str(cond_run), CPU)
     with _client(cond_run) as client:
         assert client.get("/api/info").json()["num_classes"] == 10
-        events = _stream(client, page="sample", n=2, seed=5, label=9)
-        generator = torch.Generator().manual_seed(5)
-        expected = model.sample(2, labels=torch.full((2,), 9), generator=generator)
-        assert np.array_equal(_final(events), np.asarray(make_grid(expected)))
+        for guidance in (GUIDANCE, 0.0):  # guided as `sample` guides it, unless told not to
+            asked = {} if guidance == GUIDANCE else {"guidance": guidance}
+            events = _stream(client, page="sample", n=2, seed=5, label=9, **asked)
+            generator = torch.Generator().manual_seed(5)
+            nines = torch.full((2,), 9)
+            expected = model.sample(2, labels=nines, generator=generator, guidance=guidance)
+            assert np.array_equal(_final(events), np.asarray(make_grid(expected)))
         _refused(client.get("/api/stream?page=sample&label=10"), 400, "label", "0 to 9")
         upload = _upload(client, "complete", _png(np.zeros((8, 8), np.uint8))).json()
         url = f"/api/stream?page=complete&upload={upload['id']}"
