@@ -79,6 +79,9 @@ class ImageTransformerConfig:
     # add an embedding of the value directly above each position (same column and channel, one
     # row up, generated earlier in every attention type's order) to the decoder's input there
     above_signal: bool = False
+    # add embeddings of the values above-left and above-right (one row up, one pixel to either
+    # side) and two rows up and two pixels left, each where the order generates it earlier
+    near_signal: bool = False
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]

@@ -133,16 +133,34 @@ def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.T
     return rows, per_pixel * centre_x + channel % per_pixel
 
 
+# the near signal's neighbours of a position: (rows, pixels) away, the same channel position
+NEAR_OFFSETS = ((-1, -1), (-1, 1), (-2, 0), (0, -2))
+
+
 def above_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
     """[N]: for each generation step, the step that generated the value directly above the one
     it predicts (same column of the position grid, one row up), or -1 in the first row. Every
     attention type's order generates a row's values after the row above them."""
-    rows, cols = config.grid_shape
-    raster = order.long()
-    steps = torch.argsort(order)[(raster - cols).clamp(min=0)]
-    above = torch.where(raster >= cols, steps, -1)
-    assert bool((above < torch.arange(len(order))).all()), "the value above comes later"
+    above = neighbour_steps(config, order, (-1, 0))
+    assert bool((above >= 0).sum() == config.num_positions - config.grid_shape[1])
     return above
+
+
+def neighbour_steps(
+    config: ImageTransformerConfig, order: torch.Tensor, offset: tuple[int, int]
+) -> torch.Tensor:
+    """[N]: for each generation step, the step that generated the value `offset` (rows, pixels)
+    away from the one it predicts (the same channel position within the pixel), or -1 where
+    that lies outside the image or comes later in the generation order."""
+    rows, cols = config.grid_shape
+    per_pixel = cols // config.image_shape[2]
+    raster = order.long()
+    y, x = raster // cols, (raster % cols) // per_pixel
+    y2, x2 = y + offset[0], x + offset[1]
+    inside = (y2 >= 0) & (x2 >= 0) & (x2 < config.image_shape[2])
+    neighbour = (y2 * cols + x2 * per_pixel + raster % per_pixel).clamp(0, len(order) - 1)
+    steps = torch.argsort(order)[neighbour]
+    return torch.where(inside & (steps < torch.arange(len(order))), steps, -1)
 
 
 def covering_pixel(config: ImageTransformerConfig) -> torch.Tensor:
@@ -167,6 +185,13 @@ def place_in_block(config: ImageTransformerConfig) -> torch.Tensor:
     pixel = raster // per_pixel
     y, x = pixel // w, pixel % w
     return ((y % s) * s + x % s) * per_pixel + raster % per_pixel
+
+
+def value_signal(embed: nn.Module, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[B, S, d]: `embed` of `values` [B, S, *value_shape] generated at `steps` [S]; a step of
+    -1 (no such value) adds nothing."""
+    emb = embed(values.long(), steps.clamp(min=0))
+    return emb * (steps >= 0)[:, None].to(emb.dtype)
 
 
 class Encoder(nn.Module):
@@ -238,6 +263,12 @@ class ImageTransformer(nn.Module):
         if config.above_signal:
             self.above_embed = self.distribution.embedding(d, order.clone())
             self.register_buffer("_above", above_steps(config, order), persistent=False)
+        self.near_embeds = None
+        if config.near_signal:
+            embeds = (self.distribution.embedding(d, order.clone()) for _ in NEAR_OFFSETS)
+            self.near_embeds = nn.ModuleList(embeds)
+            near = [neighbour_steps(config, order, offset) for offset in NEAR_OFFSETS]
+            self.register_buffer("_near", torch.stack(near), persistent=False)  # [K, N]
         self.low_res_embed = None
         if superres and config.low_res_signal:
             self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
@@ -428,8 +459,18 @@ class ImageTransformer(nn.Module):
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
         *value_shape], generated at `steps` [S]; step -1, the first row, adds nothing)."""
-        emb = self.above_embed(values.long(), steps.clamp(min=0))
-        return emb * (steps >= 0)[:, None].to(emb.dtype)
+        return value_signal(self.above_embed, values, steps)
+
+    def near_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | float:
+        """[B, S, d]: the sum of the near signal's embeddings of S positions' neighbours (see
+        `NEAR_OFFSETS`), read from `values` [B, N', *value_shape] (every value generated so
+        far, or all of them) at `steps` [K, S]; 0 without the near signal."""
+        if self.near_embeds is None:
+            return 0.0
+        signal = 0.0
+        for embed, at in zip(self.near_embeds, steps, strict=True):
+            signal = signal + value_signal(embed, values[:, at.clamp(min=0)], at)
+        return signal
 
     def conditioning(
         self, labels: torch.Tensor | None, low_res: torch.Tensor | None
@@ -466,6 +507,8 @@ class ImageTransformer(nn.Module):
         x = x + self.position_signal() + self.conditioning(labels, low_res)
         if self.above_embed is not None:
             x = x + self.above_signal(seq[:, self._above.clamp(min=0)], self._above)
+        if self.near_embeds is not None:
+            x = x + self.near_signal(seq, self._near)
         x = self.input_dropout(x)
         again = self.block_signal(labels)
         for i, block in enumerate(self.blocks):
@@ -601,7 +644,7 @@ class ImageTransformer(nn.Module):
         else:
             memory_kvs = [None] * len(self.blocks)
         values = None
-        if self.above_embed is not None:  # every value so far: the rows above are read again
+        if self.above_embed is not None or self.near_embeds is not None:  # rows above, again
             value_shape = self.distribution.value_shape
             values = torch.zeros(
                 (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
@@ -640,6 +683,8 @@ class ImageTransformer(nn.Module):
         if self.above_embed is not None:
             above = self._above[step : step + 1]
             x = x + self.above_signal(state.values[:, above.clamp(min=0)], above)
+        if self.near_embeds is not None:
+            x = x + self.near_signal(state.values, self._near[:, step : step + 1])
         conditioning = state.conditioning
         if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
             conditioning = conditioning[:, step : step + 1]  # it differs from step to step

@@ -58,6 +58,11 @@ CASES["cat super-resolution low_res_upsample"] = (
     "local_1d",
     dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_upsample": True}),
 )
+CASES["cat near_signal local_2d"] = ("local_2d", dict(output="cat", near_signal=True))
+CASES["dmol near_signal above_signal local_1d"] = (
+    "local_1d",
+    dict(output="dmol", near_signal=True, above_signal=True),
+)
 CASES["cat class_dropout"] = ("local_1d", dict(output="cat", num_classes=3, class_dropout=0.1))
 
 

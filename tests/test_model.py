@@ -30,11 +30,18 @@ def change_step(images, model, step):
     return raster.view(-1, h, w, c).permute(0, 3, 1, 2).to(torch.uint8)
 
 
-@pytest.mark.parametrize("above", [False, True])
+SIGNALS = [None, "above_signal", "near_signal"]  # values of earlier rows in the decoder's input
+
+
+def _signal(name: str | None) -> dict:
+    return {name: True} if name else {}
+
+
+@pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("backend", ["dense", "blocked"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_causality(kind, backend, above):
-    config = tiny_config(kind, backend=backend, above_signal=above)
+def test_causality(kind, backend, signal):
+    config = tiny_config(kind, backend=backend, **_signal(signal))
     model = ImageTransformer(config).eval()
     images = random_images(config)
     base = model.logits_in_generation_order(images)
@@ -215,13 +222,13 @@ def test_classify_is_bayes_rule():
         classify(ImageTransformer(tiny_config()), images)
 
 
-@pytest.mark.parametrize("above", [False, True])
+@pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("output", ["cat", "dmol"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output, above):
+def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output, signal):
     """Feeding an image's own values step by step gives the full forward's distribution at
     every step: what a lossless codec needs (encoder and decoder see the same numbers)."""
-    config = tiny_config(kind, output=output, num_classes=3, above_signal=above)
+    config = tiny_config(kind, output=output, num_classes=3, **_signal(signal))
     model = ImageTransformer(config).eval()
     images, labels = random_images(config, batch=2, seed=4), torch.tensor([2, 0])
     full = model.logits_in_generation_order(images, labels)
@@ -374,3 +381,31 @@ def test_the_above_signal_is_the_value_one_row_up(kind, output):
     after = model.above_signal(changed[:, model._above.clamp(min=0)], model._above)
     moved = (after - base).abs().amax(dim=(0, 2)) > 0
     assert moved.nonzero().flatten().tolist() == [int(torch.nonzero(raster == 2 * cols + 1)[0])]
+
+
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+def test_the_near_signal_reads_the_four_neighbours(output):
+    """In raster order, changing the value at (y, x) changes the near signal exactly at the
+    positions that have it as a neighbour: (y+1, x+1), (y+1, x-1), (y+2, x) and (y, x+2), the
+    same channel position; in local_2d's order only those generated after it."""
+    for kind in ("local_1d", "local_2d"):
+        config = tiny_config(kind, image_shape=(3, 6, 6), output=output, near_signal=True)
+        model = ImageTransformer(config).eval()
+        seq = model.to_steps(random_images(config))
+        rows, cols = config.grid_shape
+        per_pixel = cols // 6
+        raster = model.generation_order
+        y, x, channel = 2, 3, per_pixel - 1
+        step = int(torch.nonzero(raster == y * cols + x * per_pixel + channel)[0])
+        changed = seq.clone()
+        changed[:, step] = (changed[:, step] + 97) % 256
+        base, after = model.near_signal(seq, model._near), model.near_signal(changed, model._near)
+        moved = set(((after - base).abs().amax(dim=(0, 2)) > 0).nonzero().flatten().tolist())
+        expected = set()
+        for dy, dx in ((1, 1), (1, -1), (2, 0), (0, 2)):
+            there = int(
+                torch.nonzero(raster == (y + dy) * cols + (x + dx) * per_pixel + channel)[0]
+            )
+            if there > step:
+                expected.add(there)
+        assert moved == expected and (len(expected) == 4 or kind == "local_2d")

@@ -51,7 +51,13 @@ from ..config import ImageTransformerConfig
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..layout import area_downsample, images_to_raster, raster_channel
-from ..model import above_steps, covering_pixel, place_in_block
+from ..model import (
+    NEAR_OFFSETS,
+    above_steps,
+    covering_pixel,
+    neighbour_steps,
+    place_in_block,
+)
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
 
@@ -664,6 +670,12 @@ class IntegerModel:
             self.above_embed = Embedding(store, "above_embed", device, config, order)
             # per step, the step of the value directly above (-1: the first row), on the host
             self.above = above_steps(config, self.pattern.generation_order).tolist()
+        self.near_embeds, self.near = [], []
+        if getattr(config, "near_signal", False):  # and per step, each neighbour's step
+            names = (f"near_embeds.{i}" for i in range(len(NEAR_OFFSETS)))
+            self.near_embeds = [Embedding(store, name, device, config, order) for name in names]
+            near = (neighbour_steps(config, self.pattern.generation_order, o) for o in NEAR_OFFSETS)
+            self.near = [steps.tolist() for steps in near]
         self.blocks = [
             Block(store, f"blocks.{i}", device, config) for i in range(config.num_layers)
         ]
@@ -799,7 +811,7 @@ class IntegerModel:
                 signal = self.upsample(low_res)
                 conditioning = signal if conditioning is None else conditioning + signal
         values = None
-        if self.above_embed is not None:  # every value so far: the rows above are read again
+        if self.above_embed is not None or self.near_embeds:  # the rows above are read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
         return DecodingState(n, caches, memory_kvs, conditioning, values, block_signal)
@@ -825,6 +837,9 @@ class IntegerModel:
         if self.above_embed is not None and self.above[step] >= 0:
             above = self.above[step]
             x = x + self.above_embed(state.values[:, above], above)
+        for embed, steps in zip(self.near_embeds, self.near, strict=True):
+            if steps[step] >= 0:
+                x = x + embed(state.values[:, steps[step]], steps[step])
         if state.conditioning is not None:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
@@ -985,6 +1000,8 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
         Embedding.make(store, "embed", model.embed, config, unit, res_max)
         if model.above_embed is not None:
             Embedding.make(store, "above_embed", model.above_embed, config, unit, res_max)
+        for i, embed in enumerate(model.near_embeds or []):
+            Embedding.make(store, f"near_embeds.{i}", embed, config, unit, res_max)
         if model.class_embed is not None:
             table_of(store, "class_embed", model.class_embed.weight, root_d, unit, res_max)
         if model.low_res_embed is not None:
