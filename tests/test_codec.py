@@ -76,10 +76,10 @@ def digits() -> torch.Tensor:
     return load_dataset("mnist5k", "test", image_size=8).images[:64]
 
 
-@pytest.mark.parametrize("above_signal", [False, True], ids=["plain", "above_signal"])
+@pytest.mark.parametrize("signal", [None, "above_signal", "near_signal"], ids=str)
 @pytest.mark.parametrize("output", ["cat", "dmol"])
-def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output, above_signal):
-    config = tiny_config("local_2d", output=output, above_signal=above_signal)
+def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output, signal):
+    config = tiny_config("local_2d", output=output, **({signal: True} if signal else {}))
     model = ImageTransformer(config).eval()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 4, 6), generator=g, dtype=torch.uint8)
@@ -95,7 +95,12 @@ def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output, above_sig
 SIDE_CASES = {
     "class-conditional": dict(num_classes=3),
     "super-resolution": dict(
-        task="superres", scale=2, image_shape=(3, 4, 6), encoder_layers=1, low_res_signal=True
+        task="superres",
+        scale=2,
+        image_shape=(3, 4, 6),
+        encoder_layers=1,
+        low_res_signal=True,
+        low_res_upsample=True,
     ),
 }
 
