@@ -445,6 +445,10 @@ def test_eval_classify_and_guided_sampling_on_a_conditional_run(tmp_path, capsys
     grid = tmp_path / "guided.png"
     args = ["sample", str(tmp_path / "cond"), "--n", "2", "--label", "3", "--guidance", "1"]
     assert main([*args, "--out", str(grid)]) == 0 and grid.exists()
+    completed = tmp_path / "completed.png"
+    args = ["complete", str(tmp_path / "cond"), "--from-split", "test", "--count", "1"]
+    assert main([*args, "--n", "2", "--guidance", "2", "--out", str(completed)]) == 0
+    assert completed.exists()
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "cond"), "--json", "--classify", "--limit", "20"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -266,6 +266,7 @@ def test_a_class_conditional_run_samples_the_asked_class(cond_run) -> None:
         ("page=sample&label=3", ["unconditional"]),
         ("page=sample&guidance=1", ["guidance", "class_dropout"]),
         ("page=sample&guidance=-1", ["guidance", "0 to 20"]),
+        ("page=complete&index=0&guidance=1", ["guidance", "class_dropout"]),
         ("page=complete&index=2&keep=1.5", ["keep", "0 to 1"]),
         ("page=complete&index=1000", ["index", "0 to 999"]),
         ("page=complete&index=-1", ["index"]),

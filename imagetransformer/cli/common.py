@@ -11,12 +11,14 @@ import torch
 
 from ..data import ALL, ImageDataset, is_image_folder
 from ..data.folder import holds_out
+from ..defaults import GUIDANCE
 from ..errors import UserError
 from ..images import fit_image, open_image
 from ..model import ImageTransformer
 from ..precision import PRECISIONS
 from ..run import SPLITS, DataOptions, Run, check_data_fits, load_run_split
 from ..runs_io import open_model, open_run  # the library's; the verbs call them from here
+from ..sampling import default_guidance
 
 DEVICE_HELP = (
     "auto picks CUDA when present, else the CPU. On a CPU the defaults (fp32, eager, blocked "
@@ -49,6 +51,20 @@ def add_precision(parser: argparse.ArgumentParser, default: str | None = "fp32")
     parser.add_argument(
         "--precision", default=default, choices=tuple(PRECISIONS), help=PRECISION_HELP
     )
+
+
+def add_guidance(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance weight w: draw from p(x|y)^(1+w) / p(x)^w (models "
+        f"trained with class_dropout; default {GUIDANCE:g} for them; 0: off)",
+    )
+
+
+def guidance(args: argparse.Namespace, model: ImageTransformer) -> float:
+    """The guidance weight asked for, else the model's default (`default_guidance`)."""
+    return default_guidance(model) if args.guidance is None else args.guidance
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:

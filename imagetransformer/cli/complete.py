@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=COMPLETE.n, help="completions per image")
     p.add_argument("--temperature", type=float, default=COMPLETE.temperature)
     p.add_argument("--seed", type=int, default=SEED)
+    common.add_guidance(p)
     p.add_argument("--out", default="completions.png")
     common.add_data_options(p)
     p.set_defaults(func=run)
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         labels=labels,
         generator=generator,
         progress=True,
+        guidance=common.guidance(args, model),
     ).cpu()
     masked_in = torch.where(model.kept_mask(keep), originals, 128).to(torch.uint8)
     rows = [

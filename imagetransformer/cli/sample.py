@@ -8,11 +8,11 @@ import time
 import numpy as np
 import torch
 
-from ..defaults import GUIDANCE, SAMPLE, SEED
+from ..defaults import SAMPLE, SEED
 from ..errors import UserError
 from ..grid import save_grid
 from ..precision import autocast
-from ..sampling import default_guidance, sample_labels
+from ..sampling import sample_labels
 from . import common
 
 
@@ -25,12 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--label", type=int, help="class to sample (class-conditional models)")
-    p.add_argument(
-        "--guidance",
-        type=float,
-        help="classifier-free guidance weight w: draw from p(x|y)^(1+w) / p(x)^w (models "
-        f"trained with class_dropout; default {GUIDANCE:g} for them; 0: off)",
-    )
+    common.add_guidance(p)
     p.add_argument("--out", default="samples.png", help="PNG grid path")
     p.add_argument("--npy", help="also save the uint8 array [n, C, H, W] here")
     common.add_device(p)
@@ -47,7 +42,6 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None and not model.config.num_classes:
         raise UserError("--label given but this model is unconditional (num_classes=0)")
     labels = sample_labels(model.config.num_classes, args.n, args.label, device)
-    guidance = default_guidance(model) if args.guidance is None else args.guidance
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
     with autocast(device, args.precision):
@@ -59,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             top_k=args.top_k,
             top_p=args.top_p,
-            guidance=guidance,
+            guidance=common.guidance(args, model),
         )
     seconds = time.perf_counter() - started
     path = save_grid(images.cpu(), args.out)

@@ -112,14 +112,21 @@ def chosen_class(params: Mapping[str, str], model: ImageTransformer) -> int | No
     return integer(params, "label", 0, 0, k - 1)
 
 
+def guidance_of(params: Mapping[str, str], model: ImageTransformer) -> float:
+    """The classifier-free guidance weight asked for (`guidance`), else the one the verbs use
+    for this model; refused for a model without a "no class" label."""
+    guidance = number(params, "guidance", default_guidance(model), 0.0, MAX_GUIDANCE)
+    check_guidance(model, guidance)
+    return guidance
+
+
 def sample(model: ImageTransformer, params: Mapping[str, str]) -> Generation:
     """`imagetransformer sample`: n images; a conditional model draws the asked class, or
     every class in turn."""
     draws = Draws.parse(params, "sample")
     device = _device(model)
     labels = sample_labels(model.config.num_classes, draws.n, chosen_class(params, model), device)
-    guidance = number(params, "guidance", default_guidance(model), 0.0, MAX_GUIDANCE)
-    check_guidance(model, guidance)
+    guidance = guidance_of(params, model)
 
     def draw(on_step) -> torch.Tensor:
         return model.sample(
@@ -151,6 +158,7 @@ def complete(
     device = _device(model)
     labels = sample_labels(model.config.num_classes, draws.n, label, device)
     repeated = image[None].repeat_interleave(draws.n, dim=0).to(device)
+    guidance = guidance_of(params, model)
 
     def draw(on_step) -> torch.Tensor:
         return model.complete(
@@ -160,6 +168,7 @@ def complete(
             labels=labels,
             generator=draws.generator(device),
             on_step=on_step,
+            guidance=guidance,
         )
 
     return Generation(model, draw)
