@@ -254,10 +254,11 @@ PRESETS: dict[str, Preset] = {
             eval_images=200,
             checkpoint_every=250,
             hflip=True,
+            weight_decay=0.5,
         ),
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
         "per pixel, local 1D over 2-row blocks with 4 rows of memory, the value above in the "
-        "input, 4 layers d=64, "
+        "input, 4 layers d=64, weight decay 0.5, "
         "~10 min on 2 cores",
         data=PresetData("cifar10"),
     ),
