@@ -748,8 +748,8 @@ class ImageTransformer(nn.Module):
 
         The kept intensities come back bit for bit; see `keep_positions` for a fraction.
         `options` are those of `sample` (labels, generator, progress, top_k, top_p, low_res,
-        guidance); a
-        super-resolution model is given the images' own downsampled copies unless `low_res` is.
+        guidance); a super-resolution model is given the images' own downsampled copies unless
+        `low_res` is.
         """
         n_pos = self.config.num_positions
         if not 0 <= keep_positions <= n_pos:

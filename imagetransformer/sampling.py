@@ -81,8 +81,10 @@ def sample(
         n_pos = values.shape[1]
         all_logits = None
         for step in tqdm(range(n_pos), desc="sampling", disable=not progress, leave=False):
-            previous = values[:, step - 1].repeat(copies, *[1] * (values.dim() - 2))
-            logits = model.decode_step(state, step, previous if step > 0 else None)
+            previous = values[:, step - 1] if step > 0 else None
+            if previous is not None and guidance:  # both copies are fed the same value
+                previous = torch.cat([previous, previous])
+            logits = model.decode_step(state, step, previous)
             if guidance:
                 logits = model.distribution.guide(logits[:n], logits[n:], guidance)
             if return_logits:
