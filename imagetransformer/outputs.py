@@ -37,6 +37,7 @@ class OutputDistribution(ABC):
 
     name: ClassVar[str]
     supports_filtering: ClassVar[bool] = False  # top-k / nucleus filtering in `draw`
+    supports_guidance: ClassVar[bool] = False  # classifier-free guidance (`guide`)
     supports_label_smoothing: ClassVar[bool] = False
     scores_channels: ClassVar[bool] = False  # `nll` gives one term per channel intensity
     head_bias: ClassVar[bool] = True  # whether the head's linear layer has a bias
@@ -167,6 +168,7 @@ class Categorical(OutputDistribution):
 
     name = "cat"
     supports_filtering = True
+    supports_guidance = True
     supports_label_smoothing = True
     scores_channels = True
 

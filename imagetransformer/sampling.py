@@ -101,10 +101,16 @@ def sample(
     return (images, all_logits) if return_logits else images
 
 
+def can_guide(model: ImageTransformer) -> bool:
+    """Whether classifier-free guidance applies: a model trained with class_dropout (it has a
+    "no class" label) whose output can be guided (the categorical one)."""
+    return model.null_label is not None and model.distribution.supports_guidance
+
+
 def default_guidance(model: ImageTransformer) -> float:
-    """The guidance `sample` uses unless told: `defaults.GUIDANCE` for a model trained with
-    class_dropout (it has a "no class" label), 0 for any other."""
-    return GUIDANCE if model.null_label is not None else 0.0
+    """The guidance `sample` uses unless told: `defaults.GUIDANCE` where guidance applies
+    (`can_guide`), 0 for any other model."""
+    return GUIDANCE if can_guide(model) else 0.0
 
 
 def check_guidance(model: ImageTransformer, guidance: float) -> None:
@@ -115,6 +121,11 @@ def check_guidance(model: ImageTransformer, guidance: float) -> None:
         raise UserError(
             "guidance needs a class-conditional model trained with class_dropout > 0 "
             "(--set class_dropout=0.1)"
+        )
+    if guidance and not model.distribution.supports_guidance:
+        raise UserError(
+            f"guidance applies to the categorical output only, not {model.distribution.name}: "
+            "use --guidance 0"
         )
 
 

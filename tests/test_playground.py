@@ -572,6 +572,7 @@ def test_the_page_in_a_browser_samples_and_completes_an_upload(server, tmp_path)
         page.wait_for_selector("body[data-ready=true]")
         expect(page.locator("#facts")).to_contain_text(f"1×{SLOW_SIDE}×{SLOW_SIDE}")
         expect(page.locator("#tab-upscale")).to_be_hidden()
+        expect(page.locator("#page-sample .guidance")).to_be_hidden()  # unconditional
         expect(page.locator("footer")).to_contain_text("pixelated")
 
         sample = page.locator("#page-sample")
@@ -612,4 +613,40 @@ def test_the_page_in_a_browser_samples_and_completes_an_upload(server, tmp_path)
         after = _jobs(server)
         assert after["running"] == 0 and time.monotonic() - closed < 2.0
         assert after["cancelled"] == before["cancelled"] + 1 and after["done"] == before["done"]
+    assert not errors, errors
+
+
+def test_the_page_in_a_browser_guides_a_class_dropout_model_as_asked(cond_run) -> None:
+    """The sample and complete pages show the guidance weight of a class-dropout model (its
+    default, as the verbs use) and send what the user sets."""
+    from playwright.sync_api import expect
+
+    from .browser import browser
+
+    model = open_model(str(cond_run), CPU)
+    nines = torch.full((2,), 9)
+    expected, default = (
+        model.sample(2, labels=nines, generator=torch.Generator().manual_seed(5), guidance=w)
+        for w in (tasks.MAX_GUIDANCE, GUIDANCE)
+    )
+    assert not torch.equal(expected, default)  # so the page must send the weight set
+    with ServerProcess("serve", str(cond_run)) as server, browser() as chromium:
+        page = chromium.new_page()
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready=true]")
+        sample = page.locator("#page-sample")
+        weight = sample.locator("[name=guidance]")
+        expect(weight).to_be_visible()
+        expect(weight).to_have_value(f"{GUIDANCE:g}")
+        expect(page.locator("#page-complete [name=guidance]")).to_be_enabled()
+        sample.locator("[name=n]").fill("2")
+        sample.locator("[name=seed]").fill("5")
+        sample.locator("[name=label]").select_option("9")
+        weight.fill(f"{tasks.MAX_GUIDANCE:g}")
+        sample.locator("button[type=submit]").click()
+        expect(sample.locator(".result")).to_have_attribute("data-state", "done", timeout=30_000)
+        shown = _pixels(sample.locator(".output").get_attribute("src"))
+    assert np.array_equal(shown, np.asarray(make_grid(expected)))
     assert not errors, errors

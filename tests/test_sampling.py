@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from imagetransformer import ImageTransformer
-from imagetransformer.sampling import sample, sample_reference
+from imagetransformer.sampling import can_guide, default_guidance, sample, sample_reference
 
 from .helpers import ATTENTION_CONFIGS, tiny_config
 
@@ -137,6 +137,10 @@ def test_guidance_is_refused_where_it_cannot_apply():
         )
     with pytest.raises(UserError, match="guidance must be >= 0"):
         sample(_guided_model(), 1, labels=torch.tensor([0]), guidance=-1.0)
+    # a class-dropout model whose output cannot be guided samples plain p(x | y) by default
+    dmol = _guided_model(output="dmol", num_mixtures=2).eval()
+    assert not can_guide(dmol) and default_guidance(dmol) == 0.0
+    assert sample(dmol, 1, labels=torch.tensor([0]), guidance=default_guidance(dmol)).shape[0] == 1
 
 
 def test_class_dropout_drops_labels_in_training_only():

@@ -32,6 +32,7 @@ from ..layout import area_downsample
 from ..model import ImageTransformer
 from ..run import Run, check_data_fits
 from ..runs_io import open_model, open_run
+from ..sampling import can_guide, default_guidance
 from ..superres import upsample_nearest
 from . import tasks
 from .events import EventStream
@@ -102,6 +103,8 @@ def playground_app(run_dir: str | Path, device: torch.device) -> Starlette:
         "scale": config.scale if config.task == "superres" else None,
         "low_res_shape": list(config.low_res_shape) if config.task == "superres" else None,
         "num_classes": config.num_classes,
+        "guidance": default_guidance(model) if can_guide(model) else None,
+        "max_guidance": tasks.MAX_GUIDANCE,
         "parameters": model.num_parameters(),
         "test_bits_per_dim": last_test_bits_per_dim(the_run),
         "test_images": len(test_set) if test_set is not None else 0,

@@ -274,6 +274,15 @@ function setUpForm(form, info) {
     for (let k = 0; k < info.num_classes; k++) select.add(new Option(`class ${k}`, String(k)));
     classes.hidden = false;
   }
+  const guidance = element(".guidance", form);
+  if (guidance && info.guidance !== null) {
+    // a class-dropout model: classifier-free guidance, 0 for plain p(x | y)
+    const weight = element("input", guidance);
+    weight.value = info.guidance;
+    weight.max = info.max_guidance;
+    weight.disabled = false;
+    guidance.hidden = false;
+  }
   if (element(".source", form)) setUpSource(form, info);
   const result = element(`#page-${name} .result`);
   const output = element(".output", result);
