@@ -76,6 +76,10 @@ class ImageTransformerConfig:
     # superres: also add a learned upsampling of the 3x3 low-resolution pixels around the
     # covering one, a linear map per place within the s x s block (docs/model.md, Departures)
     low_res_upsample: bool = False
+    # superres: also add an embedding of what the block's pixels still to come must average
+    # (s^2 times the low-resolution value less the block's values generated so far, over how
+    # many remain), per channel (docs/model.md, Departures)
+    low_res_remainder: bool = False
     # add an embedding of the value directly above each position (same column and channel, one
     # row up, generated earlier in every attention type's order) to the decoder's input there
     above_signal: bool = False
@@ -138,9 +142,10 @@ class ImageTransformerConfig:
             raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
         if self.task == "superres":
             self._validate_superres()
-        elif self.low_res_signal or self.low_res_upsample:
-            name = "low_res_signal" if self.low_res_signal else "low_res_upsample"
-            raise UserError(f"{name} needs a super-resolution model (--task superres)")
+        else:
+            for name in ("low_res_signal", "low_res_upsample", "low_res_remainder"):
+                if getattr(self, name):
+                    raise UserError(f"{name} needs a super-resolution model (--task superres)")
         for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -135,6 +135,7 @@ def encoder_cells(config: ImageTransformerConfig) -> tuple[torch.Tensor, torch.T
 
 # the near signal's neighbours of a position: (rows, pixels) away, the same channel position
 NEAR_OFFSETS = ((-1, -1), (-1, 1), (-2, 0), (0, -2))
+NEAR_INIT = 0.1  # the near embeddings start at this times the init of the others
 
 
 def above_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
@@ -185,6 +186,50 @@ def place_in_block(config: ImageTransformerConfig) -> torch.Tensor:
     pixel = raster // per_pixel
     y, x = pixel // w, pixel % w
     return ((y % s) * s + x % s) * per_pixel + raster % per_pixel
+
+
+def block_remainder_layout(
+    config: ImageTransformerConfig, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every generation step: [N, s*s - 1] the earlier steps whose values lie in the same
+    low-resolution block (the same channel position within the pixel; -1 pads), and [N] how
+    many of the block's values are still to come, the step's own included."""
+    per_pixel = OUTPUT_TYPES[config.output].positions_per_pixel(config.image_shape[0])
+    raster = order.long()
+    group = covering_pixel(config)[raster] * per_pixel + raster % per_pixel
+    area = config.scale**2
+    members = torch.argsort(group, stable=True).view(-1, area)  # each block's steps, in order
+    earlier = torch.full((len(order), area - 1), -1, dtype=torch.long)
+    to_come = torch.empty(len(order), dtype=torch.long)
+    for rank in range(area):
+        earlier[members[:, rank], :rank] = members[:, :rank]
+        to_come[members[:, rank]] = area - rank
+    return earlier, to_come
+
+
+def remainder_tokens(
+    base: torch.Tensor,
+    earlier_values: torch.Tensor,
+    to_come: torch.Tensor,
+    channel: torch.Tensor,
+    scale: int,
+) -> torch.Tensor:
+    """Rows of the remainder table for S steps: `base` [B, S, *value_shape] is s^2 times the
+    low-resolution value, `earlier_values` [B, S, s^2 - 1, *value_shape] the block's values
+    generated before (0 where none), `to_come` [S] how many remain (this one included) and
+    `channel` the channel of each value ([S] or [C]). The mean the remaining values must have,
+    rounded half up and clamped to [-s^2/2, 255 + s^2/2] (where the rounding of the area mean
+    can put it), in integer arithmetic, so the integer model reads the same rows."""
+    offset = remainder_offset(scale)
+    remainder = base - earlier_values.sum(2)
+    k = to_come.view(-1, *([1] * (remainder.dim() - 2)))
+    mean = torch.div(2 * remainder + k, 2 * k, rounding_mode="floor")
+    return mean.clamp(-offset, 255 + offset) + offset + (256 + 2 * offset) * channel
+
+
+def remainder_offset(scale: int) -> int:
+    """How far outside 0..255 the remainder's mean can fall for consistent inputs."""
+    return (scale * scale + 1) // 2
 
 
 def value_signal(embed: nn.Module, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -274,6 +319,17 @@ class ImageTransformer(nn.Module):
             self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
         if superres and (config.low_res_signal or config.low_res_upsample):
             self.register_buffer("_covering", covering_pixel(config)[order], persistent=False)
+        self.low_res_remainder = None
+        if superres and config.low_res_remainder:
+            rows = 256 + 2 * remainder_offset(config.scale)
+            self.low_res_remainder = nn.Embedding(rows * config.image_shape[0], d)
+            earlier, to_come = block_remainder_layout(config, order)
+            self.register_buffer("_earlier", earlier, persistent=False)
+            self.register_buffer("_to_come", to_come, persistent=False)
+            channels = torch.arange(config.image_shape[0])
+            self.register_buffer("_channels", channels, persistent=False)  # a pixel's (dmol)
+            step_channel = raster_channel(config.image_shape)[order]  # each step's (cat)
+            self.register_buffer("_channel_of_step", step_channel, persistent=False)
         self.low_res_upsample = None
         if superres and config.low_res_upsample:
             places = config.scale**2 * self.distribution.positions_per_pixel(config.image_shape[0])
@@ -316,6 +372,12 @@ class ImageTransformer(nn.Module):
             nn.init.zeros_(self.low_res_embed.weight)
         if self.low_res_upsample is not None:
             nn.init.zeros_(self.low_res_upsample.weight)
+        if self.low_res_remainder is not None:
+            nn.init.zeros_(self.low_res_remainder.weight)
+        if self.near_embeds is not None:  # a small start: the base model plus a little
+            with torch.no_grad():
+                for embed in self.near_embeds:
+                    embed.weight.mul_(NEAR_INIT)
 
     # Inputs ------------------------------------------------------------------------------------
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -456,6 +518,40 @@ class ImageTransformer(nn.Module):
         maps = self.low_res_upsample(around).unflatten(-1, (-1, d))  # [B, h*w, places, d]
         return maps[:, self._covering, self._place] * math.sqrt(d)
 
+    def remainder_base(self, low_res: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, N, *value_shape]: s^2 times the low-resolution value covering each step's value
+        (its own channel), in generation order; None without `low_res_remainder`."""
+        if self.low_res_remainder is None or low_res is None:
+            return None
+        s = self.config.scale
+        covering = low_res.long().repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+        return s * s * self.distribution.to_sequence(covering)[:, self.generation_order]
+
+    def remainder_signal(
+        self, base: torch.Tensor | None, values: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor | float:
+        """[B, S, d]: with `low_res_remainder`, at steps `steps` [S], the embedding of the mean
+        that the values of the step's low-resolution block still to come must have, read from
+        `values` [B, N', *value_shape] (every value generated so far, or all of them) and
+        `base` [B, S, *value_shape] (`remainder_base` at those steps); 0 without it."""
+        if self.low_res_remainder is None or base is None:
+            return 0.0
+        emb = self.low_res_remainder(self.remainder_rows(base, values, steps))
+        if self.config.output != "cat":
+            emb = emb.sum(2)  # the pixel's channels
+        return emb * math.sqrt(self.config.d_model)
+
+    def remainder_rows(
+        self, base: torch.Tensor, values: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, S, *value_shape]: the rows of the remainder table that `remainder_signal` reads
+        (see `remainder_tokens`)."""
+        earlier = self._earlier[steps]  # [S, s^2 - 1]
+        found = values[:, earlier.clamp(min=0)].long()  # [B, S, s^2 - 1, *value_shape]
+        found = found * (earlier >= 0).view(*earlier.shape, *([1] * (found.dim() - 3)))
+        channel = self._channel_of_step[steps] if found.dim() == 3 else self._channels
+        return remainder_tokens(base, found, self._to_come[steps], channel, self.config.scale)
+
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
         *value_shape], generated at `steps` [S]; step -1, the first row, adds nothing)."""
@@ -509,6 +605,8 @@ class ImageTransformer(nn.Module):
             x = x + self.above_signal(seq[:, self._above.clamp(min=0)], self._above)
         if self.near_embeds is not None:
             x = x + self.near_signal(seq, self._near)
+        if self.low_res_remainder is not None:
+            x = x + self.remainder_signal(self.remainder_base(low_res), seq, steps)
         x = self.input_dropout(x)
         again = self.block_signal(labels)
         for i, block in enumerate(self.blocks):
@@ -644,7 +742,8 @@ class ImageTransformer(nn.Module):
         else:
             memory_kvs = [None] * len(self.blocks)
         values = None
-        if self.above_embed is not None or self.near_embeds is not None:  # rows above, again
+        reads_back = (self.above_embed, self.near_embeds, self.low_res_remainder)
+        if any(part is not None for part in reads_back):  # earlier values are read again
             value_shape = self.distribution.value_shape
             values = torch.zeros(
                 (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
@@ -657,6 +756,7 @@ class ImageTransformer(nn.Module):
             self.conditioning(labels, low_res),
             values=values,
             block_signal=self.block_signal(labels),
+            remainder_base=self.remainder_base(low_res),
         )
 
     def decode_step(
@@ -685,6 +785,10 @@ class ImageTransformer(nn.Module):
             x = x + self.above_signal(state.values[:, above.clamp(min=0)], above)
         if self.near_embeds is not None:
             x = x + self.near_signal(state.values, self._near[:, step : step + 1])
+        if state.remainder_base is not None:
+            at = torch.tensor([step], device=x.device)
+            base = state.remainder_base[:, step : step + 1]
+            x = x + self.remainder_signal(base, state.values, at)
         conditioning = state.conditioning
         if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
             conditioning = conditioning[:, step : step + 1]  # it differs from step to step
@@ -794,3 +898,4 @@ class DecodingState:
     values: torch.Tensor | None = None  # [n, N, *value_shape] the values so far (above_signal)
     block_signal: torch.Tensor | None = None  # [n, 1, d] added before blocks 2.. (every_block)
     next_step: int = 0
+    remainder_base: torch.Tensor | None = None  # [n, N, *value_shape] (low_res_remainder)

@@ -101,6 +101,7 @@ SIDE_CASES = {
         encoder_layers=1,
         low_res_signal=True,
         low_res_upsample=True,
+        low_res_remainder=True,
     ),
 }
 

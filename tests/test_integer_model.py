@@ -64,6 +64,14 @@ CASES["dmol near_signal above_signal local_1d"] = (
     dict(output="dmol", near_signal=True, above_signal=True),
 )
 CASES["cat class_dropout"] = ("local_1d", dict(output="cat", num_classes=3, class_dropout=0.1))
+CASES["cat super-resolution low_res_remainder local_2d"] = (
+    "local_2d",
+    dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_remainder": True}),
+)
+CASES["dmol super-resolution low_res_remainder"] = (
+    "local_1d",
+    dict(output="dmol", **{**SUPERRES, "low_res_remainder": True}),
+)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -74,7 +82,8 @@ def test_integer_bits_follow_the_float_model(case):
     about 1e-3: the tolerance sees it."""
     kind, options = CASES[case]
     model = ImageTransformer(tiny_config(kind, **options)).eval()
-    for table in (model.class_embed, model.low_res_embed, model.low_res_upsample):
+    tables = (model.class_embed, model.low_res_embed, model.low_res_upsample)
+    for table in (*tables, model.low_res_remainder):
         if table is not None:  # they start at zero: make them matter
             torch.nn.init.normal_(table.weight, std=0.3)
     images = _images()[..., : model.config.image_shape[2]].contiguous()

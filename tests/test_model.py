@@ -8,7 +8,7 @@ import torch
 from imagetransformer import ImageTransformer, UserError
 from imagetransformer.evaluation import classify
 from imagetransformer.layout import images_to_raster
-from imagetransformer.model import timing_signal
+from imagetransformer.model import NEAR_INIT, timing_signal
 from imagetransformer.tools.score import marginal_bits_per_subpixel
 
 from .helpers import ATTENTION_CONFIGS, tiny_config
@@ -391,6 +391,10 @@ def test_the_near_signal_reads_the_four_neighbours(output):
     for kind in ("local_1d", "local_2d"):
         config = tiny_config(kind, image_shape=(3, 6, 6), output=output, near_signal=True)
         model = ImageTransformer(config).eval()
+        for near in model.near_embeds:  # they start at a tenth of the init of the others
+            fan_out, fan_in = near.weight.shape
+            limit = (3 * 0.2 / ((fan_in + fan_out) / 2)) ** 0.5
+            assert 0 < near.weight.abs().max() <= NEAR_INIT * limit
         seq = model.to_steps(random_images(config))
         rows, cols = config.grid_shape
         per_pixel = cols // 6

@@ -173,7 +173,7 @@ def _with_signals(kind="local_1d", **extra) -> ImageTransformer:
     at 0)."""
     model = ImageTransformer(sr_config(kind, **extra))
     generator = torch.Generator().manual_seed(4)
-    for layer in (model.low_res_embed, model.low_res_upsample):
+    for layer in (model.low_res_embed, model.low_res_upsample, model.low_res_remainder):
         if layer is not None:
             torch.nn.init.normal_(layer.weight, std=0.5, generator=generator)
     return model
@@ -271,3 +271,85 @@ def test_with_the_upsampling_samplers_agree(kind, output):
 def test_the_upsampling_needs_a_superres_model():
     with pytest.raises(UserError, match="low_res_upsample needs a super-resolution model"):
         tiny_config(low_res_upsample=True)
+
+
+def _remainder_by_hand(model: ImageTransformer, images: torch.Tensor, low_res: torch.Tensor):
+    """[B, N, *value_shape]: per step, s^2 times the covering low-resolution value less the
+    values of the same block and channel generated before the step, over how many of the
+    block's values are still to come (rounded half up), from a loop over the raster."""
+    c, h, w = model.config.image_shape
+    s = model.config.scale
+    cat = model.config.output == "cat"
+    seq = model.to_steps(images).long()
+    order = model.generation_order.tolist()
+    expected = torch.zeros(seq.shape, dtype=torch.long)
+    for step, raster in enumerate(order):
+        pixel, channel = (raster // c, raster % c) if cat else (raster, None)
+        y, x = pixel // w, pixel % w
+        block = [
+            j
+            for j, other in enumerate(order)
+            if ((other // c if cat else other) // w) // s == y // s
+            and ((other // c if cat else other) % w) // s == x // s
+            and (not cat or other % c == channel)
+        ]
+        before = [j for j in block if j < step]
+        covering = low_res[:, :, y // s, x // s].long()  # [B, C]
+        total = s * s * (covering[:, channel] if cat else covering)
+        remainder = total - sum((seq[:, j] for j in before), torch.zeros_like(total))
+        k = s * s - len(before)
+        expected[:, step] = torch.div(2 * remainder + k, 2 * k, rounding_mode="floor")
+    return expected
+
+
+@pytest.mark.parametrize(
+    "kind,output", [("local_1d", "cat"), ("local_2d", "cat"), ("local_1d", "dmol")]
+)
+def test_the_remainder_is_what_the_rest_of_the_block_must_average(kind, output):
+    """The remainder signal reads the row of (s^2 x the low-resolution value - the block's
+    values so far) / (values to come); the last value of a block is then known to within the
+    rounding of the area mean (s^2 / 2)."""
+    model = _with_signals(kind, low_res_remainder=True, **_output_settings(kind, output))
+    images, low_res = images_and_low_res(model.config, seed=3)
+    seq = model.to_steps(images)
+    steps = torch.arange(model.config.num_positions)
+    rows = model.remainder_rows(model.remainder_base(low_res), seq, steps)
+    offset, s = 2, model.config.scale  # (s^2 + 1) // 2 for s = 2
+    width = 256 + 2 * offset
+    means = rows % width - offset
+    expected = _remainder_by_hand(model, images, low_res)
+    assert torch.equal(means, expected.clamp(-offset, 255 + offset))
+    last = model._to_come == 1
+    assert bool(((means[:, last] - seq[:, last].long()).abs() <= s * s // 2).all())
+    channel = rows // width  # each value's own channel
+    if output == "cat":
+        assert torch.equal(channel, model._channel_of_step.expand_as(channel))
+    else:
+        assert torch.equal(channel, torch.arange(3).expand_as(channel))
+
+
+@pytest.mark.parametrize(
+    "kind,output", [("local_1d", "cat"), ("local_2d", "dmol"), ("global", "cat")]
+)
+def test_with_the_remainder_decoding_stays_causal_and_samplers_agree(kind, output):
+    model = _with_signals(kind, low_res_remainder=True, **_output_settings(kind, output)).eval()
+    images, low_res = images_and_low_res(model.config)
+    base = model.logits_in_generation_order(images, low_res=low_res)
+    n = model.config.num_positions
+    for step in (0, n // 2, n - 1):  # the values from `step` on change: what comes before not
+        changed = model.to_steps(images).clone()
+        changed[:, step:] = (changed[:, step:] + 77) % 256
+        out = model.logits_in_generation_order(model.from_steps(changed), low_res=low_res)
+        assert torch.allclose(out[:, : step + 1], base[:, : step + 1], atol=1e-5, rtol=0)
+        if step < n - 1:
+            assert not torch.allclose(out[:, step + 1 :], base[:, step + 1 :], atol=1e-3)
+    _samplers_agree(model, low_res)
+    settings = _output_settings(kind, output)
+    plain = ImageTransformer(sr_config(kind, low_res_remainder=True, **settings))  # zero at first
+    signal = plain.remainder_signal(plain.remainder_base(low_res), changed, torch.arange(n))
+    assert signal.abs().max() == 0
+
+
+def test_the_remainder_needs_a_superres_model():
+    with pytest.raises(UserError, match="low_res_remainder needs a super-resolution model"):
+        tiny_config(low_res_remainder=True)

@@ -54,9 +54,11 @@ from ..layout import area_downsample, images_to_raster, raster_channel
 from ..model import (
     NEAR_OFFSETS,
     above_steps,
+    block_remainder_layout,
     covering_pixel,
     neighbour_steps,
     place_in_block,
+    remainder_tokens,
 )
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
@@ -559,6 +561,7 @@ class DecodingState:
     values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
     block_signal: torch.Tensor | None = None  # [n, d]: added before every later block
     next_step: int = 0
+    remainder_base: torch.Tensor | None = None  # [n, N, *value_shape] (low_res_remainder)
 
 
 def table_of(
@@ -694,6 +697,15 @@ class IntegerModel:
             self.place = place_in_block(config)[order].to(device)
         if self.low_res_table is not None or self.low_res_upsample is not None:
             self.covering = covering_pixel(config)[order].to(device)
+        self.remainder_table = None
+        if "low_res_remainder" in store.tensors:  # the block's remainder, as the float model
+            self.remainder_table = store.values("low_res_remainder", device)
+            earlier, to_come = block_remainder_layout(config, order)
+            self.earlier = [row[row >= 0].to(device) for row in earlier]
+            self.to_come = to_come.to(device)
+            cat = config.output == "cat"
+            channels = raster_channel(config.image_shape)[order] if cat else None
+            self.remainder_channel = channels.to(device) if cat else None
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
             self.inverse_scale = store.get("inverse_scale", device)
@@ -810,11 +822,31 @@ class IntegerModel:
             if self.low_res_upsample is not None:
                 signal = self.upsample(low_res)
                 conditioning = signal if conditioning is None else conditioning + signal
-        values = None
-        if self.above_embed is not None or self.near_embeds:  # the rows above are read again
+        values = base = None
+        if self.remainder_table is not None and low_res is not None:
+            s = c.scale
+            covering = low_res.long().repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+            base = s * s * self.distribution.to_sequence(covering)[:, self.generation_order]
+        if self.above_embed is not None or self.near_embeds or base is not None:  # read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
-        return DecodingState(n, caches, memory_kvs, conditioning, values, block_signal)
+        return DecodingState(
+            n, caches, memory_kvs, conditioning, values, block_signal, remainder_base=base
+        )
+
+    def remainder(self, state: DecodingState, step: int) -> torch.Tensor:
+        """[n, d]: the remainder signal of step `step` (`low_res_remainder`): the row of the
+        float model's table, chosen by the same integer arithmetic."""
+        found = state.values[:, self.earlier[step]]  # [n, k, *value_shape]
+        if self.remainder_channel is not None:
+            channel = self.remainder_channel[step : step + 1]
+        else:
+            channel = torch.arange(self.channels, device=self.device)
+        base = state.remainder_base[:, step : step + 1]
+        to_come = self.to_come[step : step + 1]
+        rows = remainder_tokens(base, found[:, None], to_come, channel, self.config.scale)[:, 0]
+        signal = self.remainder_table[rows]  # [n, d] or [n, C, d]
+        return signal if signal.dim() == 2 else signal.sum(1)
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """[n, N, d]: the learned upsampling (`low_res_upsample`) in integers: the 3x3
@@ -843,6 +875,8 @@ class IntegerModel:
         if state.conditioning is not None:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
+        if state.remainder_base is not None:
+            x = x + self.remainder(state, step)
         x = x.clamp(-self.max, self.max)
         window = self.windows[step]
         for i, (block, cache, memory_kv) in enumerate(
@@ -1006,6 +1040,9 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
             table_of(store, "class_embed", model.class_embed.weight, root_d, unit, res_max)
         if model.low_res_embed is not None:
             table_of(store, "low_res_embed", model.low_res_embed.weight, root_d, unit, res_max)
+        if model.low_res_remainder is not None:
+            weight = model.low_res_remainder.weight
+            table_of(store, "low_res_remainder", weight, root_d, unit, res_max)
         if model.low_res_upsample is not None:  # inputs 2v - 255 in units of 1/255, times sqrt(d)
             upsample = model.low_res_upsample
             Linear.make(
