@@ -326,10 +326,12 @@ class ImageTransformer(nn.Module):
             earlier, to_come = block_remainder_layout(config, order)
             self.register_buffer("_earlier", earlier, persistent=False)
             self.register_buffer("_to_come", to_come, persistent=False)
-            channels = torch.arange(config.image_shape[0])
-            self.register_buffer("_channels", channels, persistent=False)  # a pixel's (dmol)
-            step_channel = raster_channel(config.image_shape)[order]  # each step's (cat)
-            self.register_buffer("_channel_of_step", step_channel, persistent=False)
+            # the channel of each step's value (cat), or of each of a pixel's values (dmol)
+            if self.distribution.value_shape:
+                channel = torch.arange(config.image_shape[0])
+            else:
+                channel = raster_channel(config.image_shape)[order]
+            self.register_buffer("_remainder_channel", channel, persistent=False)
         self.low_res_upsample = None
         if superres and config.low_res_upsample:
             places = config.scale**2 * self.distribution.positions_per_pixel(config.image_shape[0])
@@ -549,7 +551,9 @@ class ImageTransformer(nn.Module):
         earlier = self._earlier[steps]  # [S, s^2 - 1]
         found = values[:, earlier.clamp(min=0)].long()  # [B, S, s^2 - 1, *value_shape]
         found = found * (earlier >= 0).view(*earlier.shape, *([1] * (found.dim() - 3)))
-        channel = self._channel_of_step[steps] if found.dim() == 3 else self._channels
+        channel = self._remainder_channel
+        if not self.distribution.value_shape:  # one value per step: its own channel
+            channel = channel[steps]
         return remainder_tokens(base, found, self._to_come[steps], channel, self.config.scale)
 
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
