@@ -26,6 +26,16 @@ class PresetData:
 
 
 @dataclass(frozen=True)
+class FewImages:
+    """Model settings a preset takes when it trains on fewer than `below` images, unless
+    `--set` names them: for settings that measured better on a few photos and worse on many
+    (docs/results.md, A small folder of one's own photos)."""
+
+    below: int
+    model: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model config (`ImageTransformerConfig` fields), its recipe (`TrainConfig` fields),
     a one-line description and its default data."""
@@ -34,6 +44,7 @@ class Preset:
     train: dict[str, Any]
     description: str
     data: PresetData = field(default_factory=PresetData)
+    few_images: FewImages | None = None
 
     @property
     def runs_on_cpu(self) -> bool:
@@ -259,8 +270,10 @@ PRESETS: dict[str, Preset] = {
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
         "per pixel, local 1D over 2-row blocks with 4 rows of memory, the value above in the "
         "input, 4 layers d=64, weight decay 0.5, "
-        "~10 min on 2 cores",
+        "~10 min on 2 cores; with fewer than 3,000 training images also the four nearby "
+        "values (near_signal)",
         data=PresetData("cifar10"),
+        few_images=FewImages(3000, dict(near_signal=True)),
     ),
     "tiny": Preset(
         dict(
@@ -319,6 +332,11 @@ def _lookup(name: str) -> Preset:
 def load_preset(name: str) -> ImageTransformerConfig:
     """The model config of preset `name`."""
     return ImageTransformerConfig(**_lookup(name).model)
+
+
+def few_images_of(name: str) -> FewImages | None:
+    """What preset `name` changes when it trains on few images (None: nothing)."""
+    return _lookup(name).few_images
 
 
 def load_train_preset(name: str) -> TrainConfig:

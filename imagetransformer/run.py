@@ -24,12 +24,13 @@ from .checkpoint import (
     atomic_write_text,
     read_config,
 )
-from .config import ImageTransformerConfig, TrainConfig, apply_overrides
+from .config import ImageTransformerConfig, TrainConfig, apply_overrides, parse_override
 from .data import ImageDataset, load_dataset
 from .data.validation import split_validation
 from .errors import UserError
 from .presets import (
     DEFAULT_PRESET,
+    few_images_of,
     load_preset,
     load_train_preset,
     preset_data_options,
@@ -298,6 +299,29 @@ class Run:
         whole = options.load(self.info.data, "train")
         train, validation = split_validation(whole, self.info.train.validation_fraction)
         return train, validation, options.load(self.info.data, "test")
+
+    def take_few_images_settings(self, train_images: int, overrides: list[str]) -> str | None:
+        """Apply the settings the preset takes on fewer training images than it is made for
+        (`Preset.few_images`) that `overrides` (--set) leave alone; before the run starts.
+        Returns the line that says what changed, or None."""
+        few = few_images_of(self.info.preset)
+        if few is None or train_images >= few.below:
+            return None
+        given = {parse_override(text)[0] for text in overrides}
+        taken = {key: value for key, value in few.model.items() if key not in given}
+        if not taken:
+            return None
+        shown = [f"{key}={json.dumps(value)}" for key, value in taken.items()]
+        self.config, self.info.train = apply_overrides(self.config, self.info.train, shown)
+        undo = [
+            f"--set {key}={json.dumps(not value) if isinstance(value, bool) else '...'}"
+            for key, value in taken.items()
+        ]
+        return (
+            f"{self.info.preset} on {train_images:,} training images (fewer than "
+            f"{few.below:,}): {', '.join(shown)}, as the preset does for few images "
+            f"({' '.join(undo)} to choose otherwise)"
+        )
 
     def check_data(self, dataset: ImageDataset, training: bool = False) -> None:
         """Refuse a data set the model cannot read, naming the flags or preset that fix it."""

@@ -600,6 +600,47 @@ def test_size_mismatch_suggests_a_preset(tmp_path, monkeypatch, capsys) -> None:
     _assert_user_error(code, capsys, "3x32x32", "rgb32", "--image-size 28 --channels 1")
 
 
+def test_rgb32_on_a_few_photos_adds_the_near_signal_unless_told(tmp_path, capsys) -> None:
+    """rgb32 trained on fewer images than `Preset.few_images` names turns near_signal on, says
+    so in one line and records it in config.json; --set near_signal=false keeps it off, and a
+    resume keeps what the run recorded."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    quick = ["--quiet", "--set", "max_steps=1", "--set", "eval_images=2", *QUICK]
+    quick += ["--set", "sample_count=0"]
+    args = ["train", "--preset", "rgb32", "--data", str(folder), *quick]
+    assert main([*args, "--out", str(tmp_path / "few")]) == 0
+    out = capsys.readouterr().out
+    assert "near_signal=true, as the preset does for few images" in out
+    assert "--set near_signal=false" in out
+    assert json.loads((tmp_path / "few" / "config.json").read_text())["near_signal"] is True
+    told = ["--out", str(tmp_path / "told"), "--set", "near_signal=false"]
+    assert main([*args, *told]) == 0
+    assert "few images" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "told" / "config.json").read_text())["near_signal"] is False
+    resume = ["train", "--out", str(tmp_path / "few"), "--resume", "--set", "max_steps=2"]
+    assert main([*resume, "--quiet"]) == 0
+    assert "few images" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "few" / "config.json").read_text())["near_signal"] is True
+
+
+def test_few_images_settings_apply_below_the_preset_threshold_only() -> None:
+    from imagetransformer.presets import few_images_of
+    from imagetransformer.run import Run
+
+    below = few_images_of("rgb32").below
+    for images, expected in ((below - 1, True), (below, False)):
+        run = Run.new("unused", "rgb32", [], "photos")
+        took = run.take_few_images_settings(images, [])
+        assert run.config.near_signal is expected and (took is not None) is expected
+    assert few_images_of("mnist_1d") is None
+    run = Run.new("unused", "mnist_1d", [])
+    assert run.take_few_images_settings(10, []) is None and not run.config.near_signal
+
+
 def test_resume_may_start_a_moving_average(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "avg"

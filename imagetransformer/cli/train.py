@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     train_set, validation_set, test_set = the_run.load_training_splits(options)
     context, device = distributed.setup(common.device(args.device))
     say = print if context.is_main else (lambda *a, **k: None)
+    if not args.resume:  # a resumed run keeps the config it recorded
+        took = the_run.take_few_images_settings(len(train_set), settings)
+        if took:
+            say(took)
     finished = False
     try:
         trainer = Trainer(
