@@ -227,6 +227,15 @@ def remainder_tokens(
     return mean.clamp(-offset, 255 + offset) + offset + (256 + 2 * offset) * channel
 
 
+def block_totals(
+    distribution, low_res: torch.Tensor, scale: int, order: torch.Tensor
+) -> torch.Tensor:
+    """[B, N, *value_shape]: s^2 times the low-resolution value covering each generation
+    step's value (its own channel): what the step's block sums to, up to rounding."""
+    covering = low_res.long().repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return scale * scale * distribution.to_sequence(covering)[:, order]
+
+
 def remainder_offset(scale: int) -> int:
     """How far outside 0..255 the remainder's mean can fall for consistent inputs."""
     return (scale * scale + 1) // 2
@@ -525,9 +534,7 @@ class ImageTransformer(nn.Module):
         (its own channel), in generation order; None without `low_res_remainder`."""
         if self.low_res_remainder is None or low_res is None:
             return None
-        s = self.config.scale
-        covering = low_res.long().repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
-        return s * s * self.distribution.to_sequence(covering)[:, self.generation_order]
+        return block_totals(self.distribution, low_res, self.config.scale, self.generation_order)
 
     def remainder_signal(
         self, base: torch.Tensor | None, values: torch.Tensor, steps: torch.Tensor

@@ -55,6 +55,7 @@ from ..model import (
     NEAR_OFFSETS,
     above_steps,
     block_remainder_layout,
+    block_totals,
     covering_pixel,
     neighbour_steps,
     place_in_block,
@@ -824,9 +825,7 @@ class IntegerModel:
                 conditioning = signal if conditioning is None else conditioning + signal
         values = base = None
         if self.remainder_table is not None and low_res is not None:
-            s = c.scale
-            covering = low_res.long().repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
-            base = s * s * self.distribution.to_sequence(covering)[:, self.generation_order]
+            base = block_totals(self.distribution, low_res, c.scale, self.generation_order)
         if self.above_embed is not None or self.near_embeds or base is not None:  # read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
