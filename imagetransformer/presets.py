@@ -257,7 +257,7 @@ PRESETS: dict[str, Preset] = {
         ),
         dict(
             batch_size=8,
-            learning_rate=0.02,
+            learning_rate=0.03,
             warmup_steps=150,
             max_steps=2200,
             lr_schedule="cosine",
