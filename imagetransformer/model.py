@@ -236,6 +236,15 @@ def block_totals(
     return scale * scale * distribution.to_sequence(covering)[:, order]
 
 
+def remainder_channels(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
+    """The channel of each generation step's value ([N], categorical: one value per step), or
+    of each of a pixel's values ([C], dmol): which channel's rows of the remainder table a
+    value reads."""
+    if output_distribution(config).value_shape:  # a pixel's C values per step
+        return torch.arange(config.image_shape[0])
+    return raster_channel(config.image_shape)[order]
+
+
 def remainder_offset(scale: int) -> int:
     """How far outside 0..255 the remainder's mean can fall for consistent inputs."""
     return (scale * scale + 1) // 2
@@ -335,11 +344,7 @@ class ImageTransformer(nn.Module):
             earlier, to_come = block_remainder_layout(config, order)
             self.register_buffer("_earlier", earlier, persistent=False)
             self.register_buffer("_to_come", to_come, persistent=False)
-            # the channel of each step's value (cat), or of each of a pixel's values (dmol)
-            if self.distribution.value_shape:
-                channel = torch.arange(config.image_shape[0])
-            else:
-                channel = raster_channel(config.image_shape)[order]
+            channel = remainder_channels(config, order)
             self.register_buffer("_remainder_channel", channel, persistent=False)
         self.low_res_upsample = None
         if superres and config.low_res_upsample:

@@ -68,6 +68,10 @@ CASES["cat super-resolution low_res_remainder local_2d"] = (
     "local_2d",
     dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_remainder": True}),
 )
+CASES["cat grey super-resolution low_res_remainder"] = (
+    "local_1d",
+    dict(output="cat", **{**SUPERRES, "image_shape": (1, 4, 6), "low_res_remainder": True}),
+)
 CASES["dmol super-resolution low_res_remainder"] = (
     "local_1d",
     dict(output="dmol", **{**SUPERRES, "low_res_remainder": True}),
@@ -86,7 +90,8 @@ def test_integer_bits_follow_the_float_model(case):
     for table in (*tables, model.low_res_remainder):
         if table is not None:  # they start at zero: make them matter
             torch.nn.init.normal_(table.weight, std=0.3)
-    images = _images()[..., : model.config.image_shape[2]].contiguous()
+    c, _, w = model.config.image_shape
+    images = _images()[:, :c, :, :w].contiguous()
     labels = torch.tensor([0, 1, 2, 1]) if model.config.num_classes else None
     integer = quantize(model, images, labels)
     bits = integer.bits(images, labels)

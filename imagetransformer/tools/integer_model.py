@@ -59,6 +59,7 @@ from ..model import (
     covering_pixel,
     neighbour_steps,
     place_in_block,
+    remainder_channels,
     remainder_tokens,
 )
 from ..outputs import LOG_SCALE_MIN, output_distribution
@@ -704,9 +705,7 @@ class IntegerModel:
             earlier, to_come = block_remainder_layout(config, order)
             self.earlier = [row[row >= 0].to(device) for row in earlier]
             self.to_come = to_come.to(device)
-            cat = config.output == "cat"
-            channels = raster_channel(config.image_shape)[order] if cat else None
-            self.remainder_channel = channels.to(device) if cat else None
+            self.remainder_channel = remainder_channels(config, order).to(device)
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
             self.inverse_scale = store.get("inverse_scale", device)
@@ -837,10 +836,9 @@ class IntegerModel:
         """[n, d]: the remainder signal of step `step` (`low_res_remainder`): the row of the
         float model's table, chosen by the same integer arithmetic."""
         found = state.values[:, self.earlier[step]]  # [n, k, *value_shape]
-        if self.remainder_channel is not None:
-            channel = self.remainder_channel[step : step + 1]
-        else:
-            channel = torch.arange(self.channels, device=self.device)
+        channel = self.remainder_channel
+        if not self.distribution.value_shape:  # one value per step: its own channel
+            channel = channel[step : step + 1]
         base = state.remainder_base[:, step : step + 1]
         to_come = self.to_come[step : step + 1]
         rows = remainder_tokens(base, found[:, None], to_come, channel, self.config.scale)[:, 0]
