@@ -183,7 +183,7 @@ def frequency_digest(integer, images: torch.Tensor, batch: int) -> str:
     """SHA-256 of every frequency table of every image, computed `batch` images at a time."""
     tables = [[] for _ in images]
     for start in range(0, len(images), batch):
-        for _, _, freqs in integer.frequencies_of(images[start : start + batch]):
+        for _, freqs in integer.coded_tables(images[start : start + batch]):
             for i, row in enumerate(freqs):
                 tables[start + i].append(row)
     data = b"".join(torch.stack(t).numpy().tobytes() for t in tables)
@@ -287,12 +287,19 @@ def test_smooth_images_an_untrained_model_codes_badly_are_stored_as_png():
     assert torch.equal(decompress(integer, packed.data), images)
 
 
-def test_refusals_name_the_problem(run, digits):
+def test_refusals_name_the_problem(run, trained, digits):
     integer = quantized(run, torch.device("cpu"), note=lambda _: None)
     data = compress(integer, digits[:4]).data
     other = quantize(ImageTransformer(tiny_config("local_1d", image_shape=(1, 8, 8))), digits)
     version_1 = b"ITC\x00" + struct.pack("<H", 1) + bytes(32) + struct.pack("<HHHII", 1, 8, 8, 1, 1)
     version_2 = data[:4] + struct.pack("<H", 2) + data[6:]
+    # version 3 coded a mixture's values as one symbol each: refused for mixture models, read
+    # for categorical ones (coded then as now)
+    mixture = quantized(trained("output=dmol"), torch.device("cpu"), note=lambda _: None)
+    mixture_data = compress(mixture, digits[:2]).data
+    mixture_version_3 = mixture_data[:4] + struct.pack("<H", 3) + mixture_data[6:]
+    version_3 = data[:4] + struct.pack("<H", 3) + data[6:]
+    assert torch.equal(decompress(integer, version_3), digits[:4])
     corrupted = bytearray(data)
     corrupted[len(data) // 2] ^= 0xFF  # inside the coder stream: it decodes to something else
     start = len(read_header(data).to_bytes()) + 1  # the stream's words, after its length
@@ -304,6 +311,7 @@ def test_refusals_name_the_problem(run, digits):
         "version 99": (integer, data[:4] + struct.pack("<H", 99) + data[6:]),
         "format version 1 \\(imagetransformer before 2026-12": (integer, version_1),
         "format version 2 \\(imagetransformer of 2026-12-02": (integer, version_2),
+        "format version 3 \\(imagetransformer of 2026-12-06": (mixture, mixture_version_3),
         "bytes too many": (integer, data + b"\x00"),
         "CRC mismatch": (integer, bytes(corrupted)),
         "coder stream does not decode": (integer, invalid),

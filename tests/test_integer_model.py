@@ -16,6 +16,7 @@ from imagetransformer.tools.integer_model import (
     FREQ_BITS,
     FREQ_FREE,
     IntegerModel,
+    free_units,
     frequencies,
     quantize,
     rshift,
@@ -101,21 +102,23 @@ def test_integer_bits_follow_the_float_model(case):
 
 @pytest.mark.parametrize("output", ["cat", "dmol"])
 def test_frequencies_are_what_the_coder_reads_exactly(output):
-    """Every table is non-negative integers summing to 2^24 - 256; constriction adds one to
-    each, so the coded length is the exact cost the model computes (f + 1) / 2^24 (within the
-    coder's final words)."""
+    """Every table is non-negative integers summing to 2^24 less one per symbol (256 values of
+    a categorical step; 16 ranges, then 16 values of one, of a mixture's channel); constriction
+    adds one to each, so the coded length is the exact cost the model computes, (f + 1) / 2^24
+    (within the coder's final words)."""
     constriction = pytest.importorskip("constriction")
     model = ImageTransformer(tiny_config("local_1d", output=output)).eval()
     images = _images(3)
     integer = quantize(model, images)
-    values = integer.to_steps(images).reshape(3, -1, integer.channels_per_step)
     family = constriction.stream.model.Categorical(perfect=False)
     coder = constriction.stream.queue.RangeEncoder()
-    for step, channel, freqs in integer.frequencies_of(images):
+    sizes = set()
+    for symbols, freqs in integer.coded_tables(images):
         assert freqs.dtype == torch.int64 and bool((freqs >= 0).all())
-        assert bool((freqs.sum(-1) == FREQ_FREE).all())
-        symbols = values[:, step, channel].numpy().astype(np.int32)
-        coder.encode(symbols, family, freqs.numpy().astype(np.float64))
+        assert bool((freqs.sum(-1) == free_units(freqs.shape[-1])).all())
+        sizes.add(freqs.shape[-1])
+        coder.encode(symbols.numpy().astype(np.int32), family, freqs.numpy().astype(np.float64))
+    assert sizes == ({256} if output == "cat" else {16})
     exact = float(integer.bits(images).sum())
     coded = 32 * len(coder.get_compressed())
     assert exact <= coded <= exact + 64
@@ -128,7 +131,9 @@ def test_integer_helpers_are_exact():
     freqs = frequencies(weights, 12)
     assert freqs.sum(-1).tolist() == [FREQ_FREE] * 2
     assert freqs[0, 1] == 0 and freqs[0, 2] > freqs[0, 3]  # the leftover goes to the first max
-    assert FREQ_FREE + 256 == 1 << FREQ_BITS
+    assert FREQ_FREE + 256 == 1 << FREQ_BITS == free_units(16) + 16
+    nothing = frequencies(torch.zeros(1, 16, dtype=torch.long), 12)  # a range without mass
+    assert nothing.sum().item() == free_units(16) and nothing.amax() - nothing.amin() <= 15
 
 
 def test_saved_integer_model_is_named_by_its_contents(tmp_path):

@@ -36,7 +36,7 @@ from ..runs_io import open_model, open_run
 from .integer_model import CALIBRATION_IMAGES, FREQ_BITS, IntegerModel, quantize
 
 MAGIC = b"ITC\x00"
-VERSION = 3
+VERSION = 4
 FINGERPRINT_BYTES = 8
 RAW, PNG = "raw", "png"
 MAX_DECODED_BYTES = 2**36  # a header that claims more images is corrupted
@@ -44,7 +44,11 @@ PNG_MIN_BYTES = 57  # signature, IHDR, an IDAT and IEND: no PNG file is smaller
 OLDER_VERSIONS = {  # which release reads the files of an older format version
     1: "imagetransformer before 2026-12, up to commit 1af6293",
     2: "imagetransformer of 2026-12-02, up to commit 277ef49 (integer model 1)",
+    3: "imagetransformer of 2026-12-06, up to commit d77f120",
 }
+# version 3 coded a mixture-of-logistics channel as one 256-way symbol; categorical files are
+# coded as in version 4, so this release still reads them
+SAME_FOR_CATEGORICAL = 3
 
 
 def _constriction():
@@ -120,6 +124,7 @@ class Header:
     count: int
     group: int
     stored: dict[int, tuple[str, int]] = field(default_factory=dict)  # index -> (mode, bytes)
+    version: int = VERSION
 
     def to_bytes(self) -> bytes:
         out = bytearray(MAGIC + VERSION.to_bytes(2, "little") + self.fingerprint)
@@ -138,13 +143,9 @@ class Header:
         if reader.data[:4] != MAGIC:
             raise UserError(f"{source} is not an .itc file of this tool (bad magic bytes)")
         version = int.from_bytes(reader.take(6, "the header")[4:], "little")
-        if version in OLDER_VERSIONS:
-            raise UserError(
-                f"{source} was written by format version {version} "
-                f"({OLDER_VERSIONS[version]}): decompress it with that release; this one reads "
-                f"version {VERSION}"
-            )
-        if version != VERSION:
+        if version in OLDER_VERSIONS and version != SAME_FOR_CATEGORICAL:
+            raise older_version(source, version)
+        if version not in (VERSION, SAME_FOR_CATEGORICAL):
             raise UserError(
                 f"{source} has format version {version}; this tool reads version {VERSION}: "
                 "use the imagetransformer release that wrote it"
@@ -153,7 +154,7 @@ class Header:
         c, h, w, count, group, stored = (reader.varint("the header") for _ in range(6))
         if group < 1 or stored > count or not (c in (1, 3) and 0 < h * w < 2**28):
             raise UserError(f"{source} is corrupted (its header is not valid)")
-        header = cls(print_, (c, h, w), count, group)
+        header = cls(print_, (c, h, w), count, group, version=version)
         index = -1
         for _ in range(stored):
             index += reader.varint("the table of images") + 1
@@ -173,6 +174,13 @@ class Header:
             if members:
                 out.append(members)
         return out
+
+
+def older_version(source: str, version: int) -> UserError:
+    return UserError(
+        f"{source} was written by format version {version} ({OLDER_VERSIONS[version]}): "
+        f"decompress it with that release; this one reads version {VERSION}"
+    )
 
 
 def read_header(data: bytes, source: str = "the file") -> Header:
@@ -254,10 +262,9 @@ def _code_groups(
         value = values[:, step].view(n, -1)
         for channel in range(coding.channels):
             known = value[:, channel] if coders.encode else None
-            symbols, symbol_bits = coders.code(known, coding.frequencies(channel))
+            symbols, symbol_bits = coding.code(channel, coders.code, known)
             value[:, channel] = symbols.to(device)
-            bits += symbol_bits
-            coding.observe(channel, value[:, channel])
+            bits += symbol_bits.cpu()
     return values, labels, bits
 
 
@@ -444,6 +451,8 @@ def decompress(
             f"not {model.fingerprint[:FINGERPRINT_BYTES].hex()}): decompress it with the run "
             "that compressed it"
         )
+    if header.version == SAME_FOR_CATEGORICAL and model.config.output != "cat":
+        raise older_version(source, header.version)
     if header.shape != tuple(model.config.image_shape):
         raise UserError(f"{source} holds images of another shape than the model's")
     groups = header.groups()

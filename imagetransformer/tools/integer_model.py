@@ -18,8 +18,10 @@ data compression with latent-variable models", ICLR 2019):
   same bits everywhere; no fused multiply-add, no exp or log, no reduction of non-integers), or
   a lookup in a table made once and stored with the model: the softmaxes' 2^(-t), the logistic
   CDF, tanh and exp(-log s) of the mixture output;
-- each step's distribution as integer frequencies that sum to 2^24 - 256; the coder adds one to
-  every symbol, so symbol x has probability exactly (f_x + 1) / 2^24 (see `FREQ_FREE`).
+- each coded symbol's distribution as integer frequencies that sum to 2^24 less one per symbol
+  (a categorical step: one symbol of 256; a mixture's channel: two of 16, the range of 16
+  values and the value in it); the coder adds one to every symbol, so symbol x has probability
+  exactly (f_x + 1) / 2^24 (see `free_units`).
 
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
 linear layer, where int64 arithmetic took ten operations.
@@ -34,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,15 +108,23 @@ def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
     return table[t & ((1 << frac) - 1)] >> (t >> frac)
 
 
+def free_units(symbols: int) -> int:
+    """What a table of `symbols` frequencies sums to: 2^24 less one unit per symbol, which
+    constriction adds back (`FREQ_FREE` for 256 symbols)."""
+    return (1 << FREQ_BITS) - symbols
+
+
 def frequencies(weights: torch.Tensor, bound_bits: int) -> torch.Tensor:
-    """Integer frequencies [..., 256] summing to `FREQ_FREE`, proportional to non-negative int64
-    `weights` [..., 256] whose rows sum to less than 2^bound_bits (and are not all zero). What
-    rounding leaves over goes to the first of the largest weights."""
-    weights = weights >> max(0, bound_bits + FREQ_BITS - 62)  # so that w * FREQ_FREE < 2^62
+    """Integer frequencies [..., k] summing to `free_units(k)`, proportional to non-negative
+    int64 `weights` [..., k] whose rows sum to less than 2^bound_bits. What rounding leaves
+    over goes to the first of the largest weights. A row of zeros (a range of values no
+    component gives mass) gets the uniform table."""
+    free = free_units(weights.shape[-1])
+    weights = weights >> max(0, bound_bits + FREQ_BITS - 62)  # so that w * free < 2^62
     total = weights.sum(-1, keepdim=True)
-    freqs = torch.div(weights * FREQ_FREE, total.clamp(min=1), rounding_mode="floor")
-    freqs = torch.where(total > 0, freqs, FREQ_FREE // 256)  # cannot happen; kept exact anyway
-    rest = FREQ_FREE - freqs.sum(-1, keepdim=True)
+    freqs = torch.div(weights * free, total.clamp(min=1), rounding_mode="floor")
+    freqs = torch.where(total > 0, freqs, free // weights.shape[-1])  # nothing known: uniform
+    rest = free - freqs.sum(-1, keepdim=True)
     index = torch.arange(weights.shape[-1], device=weights.device)
     largest = weights == weights.amax(-1, keepdim=True)
     first = torch.where(largest, index, weights.shape[-1]).amin(-1, keepdim=True)
@@ -451,6 +461,11 @@ class Block:
 
 
 # Output distributions in integers ------------------------------------------------------------
+# How one symbol is coded: (the symbols [n] to encode, or None to decode them; their integer
+# frequencies [n, k]) -> (the symbols [n], their exact bits [n])
+Code = Callable[[torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class CategoricalCoding:
     """The 256-way softmax of one step's logits as integer frequencies (one symbol per step)."""
 
@@ -460,11 +475,9 @@ class CategoricalCoding:
         weights = softmax_weights(head, model.exp2_output)
         self.freqs = frequencies(weights, OUT_BITS + 9)
 
-    def frequencies(self, channel: int) -> torch.Tensor:
-        return self.freqs
-
-    def observe(self, channel: int, values: torch.Tensor) -> None:
-        pass
+    def code(self, channel: int, code: Code, known: torch.Tensor | None):
+        """The step's value [n] and its bits [n], by one symbol under the step's table."""
+        return code(known, self.freqs)
 
 
 def softmax_weights(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -482,9 +495,9 @@ def renormalise(weights: torch.Tensor) -> torch.Tensor:
 
 class MixtureCoding:
     """A pixel's channels in turn under the discretized mixture of logistics: each component's
-    CDF at the 255 inner bin edges from the interpolated logistic table (so each component's
-    masses are non-negative integers summing to 2^28), weighted by the components' posterior
-    given the channels already coded, each coupled to them (as `LogisticMixture`)."""
+    CDF at bin edges from the interpolated logistic table (so each component's masses are
+    non-negative integers summing to 2^28), weighted by the components' posterior given the
+    channels already coded, each coupled to them (as `LogisticMixture`)."""
 
     def __init__(self, model: IntegerModel, head: torch.Tensor) -> None:
         self.model = model
@@ -501,32 +514,54 @@ class MixtureCoding:
         self.coeffs = model.tanh[raw + (COEF_RANGE << COEF_IN_FRAC)]  # 2^-16
         self.weights = renormalise(softmax_weights(head[:, :k], model.exp2_output))
         self.x = torch.zeros(n, c, dtype=torch.long, device=head.device)  # 2^-16
-        self.masses = None
 
-    def component_masses(self, channel: int) -> torch.Tensor:
-        """[n, K, 256]: each component's masses of channel `channel`'s values."""
+    def mean(self, channel: int) -> torch.Tensor:
+        """[n, K]: each component's mean of channel `channel`, coupled to the earlier ones."""
         first = channel * (channel - 1) // 2
         mean = self.locs[..., channel]
         for earlier in range(channel):
             coupling = self.coeffs[..., first + earlier] * self.x[:, None, earlier]
             mean = mean + rshift(coupling, COEF_FRAC)
-        u = (self.model.edges - mean[..., None]) * self.inv_scales[..., channel, None]
-        cdf = logistic_cdf(u, self.model.sigmoid, self.model.sigmoid_slope)  # [n, K, 255]
-        cdf = F.pad(F.pad(cdf, (1, 0), value=0), (0, 1), value=1 << CDF_BITS)
+        return mean
+
+    def component_masses(self, mean: torch.Tensor, channel: int, low: torch.Tensor, step: int):
+        """[n, K, 16]: each component's masses of 16 ranges of `step` values from `low` [n]
+        (its CDF at the 17 boundaries low + step j: 0 below value 0, 2^28 above 255)."""
+        bounds = low[:, None] + step * self.model.sixteen  # [n, 17], in 0..256
+        inner = self.model.edges[(bounds - 1).clamp_(0, 254)]  # edge below value b
+        u = (inner[:, None] - mean[..., None]) * self.inv_scales[..., channel, None]
+        cdf = logistic_cdf(u, self.model.sigmoid, self.model.sigmoid_slope)  # [n, K, 17]
+        cdf = cdf.masked_fill_((bounds == 0)[:, None], 0)
+        cdf = cdf.masked_fill_((bounds == 256)[:, None], 1 << CDF_BITS)
         return cdf[..., 1:] - cdf[..., :-1]
 
-    def frequencies(self, channel: int) -> torch.Tensor:
-        self.masses = self.component_masses(channel)
-        mixed = (self.weights[..., None] * self.masses).sum(1)  # [n, 256], sums < 2^53
-        return frequencies(mixed, MIX_BITS + 1 + CDF_BITS)
+    def mixed(self, masses: torch.Tensor) -> torch.Tensor:
+        """Integer frequencies [n, 16] of the mixture of the components' `masses`."""
+        weighted = (self.weights[..., None] * masses).sum(1)  # [n, 16], sums < 2^53
+        return frequencies(weighted, MIX_BITS + 1 + CDF_BITS)
 
-    def observe(self, channel: int, values: torch.Tensor) -> None:
-        """Channel `channel` is `values` [n]: weigh the components by their mass of it (plus
-        one, so that no value leaves all of them at zero) and couple the later channels."""
-        index = values.view(-1, 1, 1).expand(-1, self.masses.shape[1], 1)
-        mass = self.masses.gather(-1, index)[..., 0]
+    def code(self, channel: int, code: Code, known: torch.Tensor | None):
+        """Channel `channel`'s value [n] and its bits [n], by two symbols: which of the 16
+        ranges of 16 values it is in, then which value of that range. The mixture's CDF is
+        needed at 32 boundaries this way, where one 256-way table needs all 255, and the two
+        symbols' probabilities multiply to the value's (bar rounding). Then the components are
+        weighed by their mass of it (plus one, so that no value leaves all of them at zero),
+        and the later channels coupled to it."""
+        device = self.weights.device
+        mean = self.mean(channel)
+        zero = torch.zeros(mean.shape[0], dtype=torch.long, device=device)
+        coarse = self.mixed(self.component_masses(mean, channel, zero, 16))
+        high, high_bits = code(None if known is None else known >> 4, coarse)
+        high = high.to(device)
+        masses = self.component_masses(mean, channel, high * 16, 1)
+        low, low_bits = code(None if known is None else known & 15, self.mixed(masses))
+        low = low.to(device)
+        values = high * 16 + low
+        index = low.view(-1, 1, 1).expand(-1, masses.shape[1], 1)
+        mass = masses.gather(-1, index)[..., 0]
         self.weights = renormalise(self.weights * (mass + 1))
         self.x[:, channel] = self.model.unit_values[values]
+        return values, high_bits + low_bits
 
 
 def logistic_cdf(u: torch.Tensor, table: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -712,6 +747,7 @@ class IntegerModel:
             self.tanh = store.get("tanh", device)
             self.sigmoid = store.get("logistic_cdf", device)
             self.sigmoid_slope = self.sigmoid[1:] - self.sigmoid[:-1]
+            self.sixteen = torch.arange(17, device=device)  # a range's 17 boundaries
             self.edges = store.get("edges", device)
             self.unit_values = store.get("unit_values", device)
         self._fingerprint: bytes | None = None
@@ -895,25 +931,34 @@ class IntegerModel:
             return CategoricalCoding(self, head)
         return MixtureCoding(self, head)
 
-    def frequencies_of(
+    def coded_tables(
         self,
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(step, channel, integer frequencies [n, 256]) of every symbol of `images` in coding
-        order, with the true values fed back (what the encoder computes). A super-resolution
-        model is given the images' own area-downsampled copies unless `low_res` is."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(symbols [n], integer frequencies [n, k]) of every symbol the coder codes for
+        `images`' values, in coding order, with the true values fed back (what the encoder
+        computes). A super-resolution model is given the images' own area-downsampled copies
+        unless `low_res` is."""
         values = self.to_steps(images)
         n = values.shape[0]
         state = self.start(n, labels, self.low_res_of(images, low_res))
+        tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def record(symbols: torch.Tensor, freqs: torch.Tensor):
+            tables.append((symbols, freqs))
+            picked = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
+            return symbols, FREQ_BITS - torch.log2((picked + 1).double())
+
         for step in range(self.config.num_positions):
             head = self.step(state, step, values[:, step - 1] if step else None)
             coding = self.coding(head)
             value = values[:, step].view(n, -1)
             for channel in range(coding.channels):
-                yield step, channel, coding.frequencies(channel)
-                coding.observe(channel, value[:, channel])
+                coding.code(channel, record, value[:, channel])
+                yield from tables
+                tables.clear()
 
     def low_res_of(self, images: torch.Tensor, low_res: torch.Tensor | None):
         if self.encoder is None or low_res is not None:
@@ -923,16 +968,11 @@ class IntegerModel:
     def bits(self, images: torch.Tensor, labels=None, low_res=None) -> torch.Tensor:
         """Exact bits [n] each image costs under the integer model (float64 of exact ratios),
         given its label or low-resolution input where the model takes one."""
-        values = self.to_steps(images).reshape(images.shape[0], -1, self.channels_per_step)
         total = torch.zeros(images.shape[0], dtype=torch.float64, device=self.device)
-        for step, channel, freqs in self.frequencies_of(images, labels, low_res):
-            f = freqs.gather(-1, values[:, step, channel, None])[:, 0]
+        for symbols, freqs in self.coded_tables(images, labels, low_res):
+            f = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
             total += FREQ_BITS - torch.log2((f + 1).double())
         return total
-
-    @property
-    def channels_per_step(self) -> int:
-        return 1 if self.config.output == "cat" else self.channels
 
 
 def _read_metadata(path: Path) -> dict:
