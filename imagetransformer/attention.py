@@ -99,14 +99,28 @@ def blocked_attention(
     qb = rearrange(F.pad(q, (0, 0, 0, pad_end)), "b h (nb q) d -> b h nb q d", q=q_block)
     if pattern.banded_layout is not None:
         offset, width, mask = _on_device(pattern, "banded", q.device)
-        # windows of `width` steps every `q_block` steps: [B, h, nb, dh, width], no copy
-        k_b = F.pad(k, (0, 0, offset, pad_end)).unfold(2, width, q_block).transpose(-1, -2)
-        v_b = F.pad(v, (0, 0, offset, pad_end)).unfold(2, width, q_block).transpose(-1, -2)
+        k_b, v_b = (_band(x, offset, width, q_block, num_blocks) for x in (k, v))
     else:
         key_index, mask = _on_device(pattern, "blocked", q.device)
         k_b, v_b = k[:, :, key_index], v[:, :, key_index]
     out = _attend(qb, k_b, v_b, mask)
     return rearrange(out, "b h nb q d -> b h (nb q) d")[:, :, :n]
+
+
+def _band(x: torch.Tensor, offset: int, width: int, q_block: int, num_blocks: int):
+    """[B, h, nb, width, dh]: block b's window of steps [b*Q - offset, b*Q - offset + width)
+    of x [B, h, N, dh] (zeros outside). When offset and width are whole blocks (local_1d with
+    memory a multiple of the block), the windows are whole blocks side by side, whose backward
+    is a few slices and adds; otherwise a strided window (`unfold`), whose backward scatters."""
+    if offset % q_block or width % q_block:
+        pad_end = num_blocks * q_block - x.shape[2]
+        windows = F.pad(x, (0, 0, offset, pad_end)).unfold(2, width, q_block)
+        return windows.transpose(-1, -2)
+    parts = width // q_block
+    length = (num_blocks - 1 + parts) * q_block
+    padded = F.pad(x, (0, 0, offset, length - offset - x.shape[2]))
+    blocks = rearrange(padded, "b h (nb q) d -> b h nb q d", q=q_block)
+    return torch.cat([blocks[:, :, j : j + num_blocks] for j in range(parts)], dim=3)
 
 
 def _warn_once(message: str) -> None:
