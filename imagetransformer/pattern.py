@@ -173,8 +173,8 @@ class AttentionPattern(ABC):
     def banded_layout(self) -> tuple[int, int, torch.Tensor] | None:
         """The blocked layout as a band, when each block's keys are one short run of steps.
 
-        Block b then reads steps `[b*Q - offset, b*Q - offset + width)`: a strided window
-        (`unfold`) instead of a gather, which is cheaper forward and backward. Returns
+        Block b then reads steps `[b*Q - offset, b*Q - offset + width)`: a window (of whole
+        blocks, or strided) instead of a gather, which is cheaper forward and backward. Returns
         `(offset, width, key_mask [blocks, Q, width])`, or None when a band would be much wider
         than the gathered keys (local_2d flanges, global).
         """
