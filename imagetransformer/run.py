@@ -25,7 +25,7 @@ from .checkpoint import (
     read_config,
 )
 from .config import ImageTransformerConfig, TrainConfig, apply_overrides, parse_override
-from .data import ImageDataset, load_dataset
+from .data import FOLDER_SIDE, ImageDataset, folder, is_image_folder, load_dataset
 from .data.validation import split_validation
 from .errors import UserError
 from .presets import (
@@ -82,6 +82,24 @@ class DataOptions:
             download=self.download,
             crops=self.crops or 0,
         )
+
+
+def with_automatic_crops(data: str | None, options: DataOptions) -> tuple[DataOptions, str | None]:
+    """`options` for training on `data`, with random crops when it is a folder of photos much
+    larger than the model and `--crops` was not given (`folder.automatic_crops`), and the line
+    that says so (None when nothing was chosen)."""
+    if data is None or options.crops is not None or not is_image_folder(data):
+        return options, None
+    size = options.image_size or FOLDER_SIDE
+    crops, side = folder.automatic_crops(Path(data).expanduser(), size)
+    if not crops:
+        return options, None
+    chosen = DataOptions(options.image_size, options.channels, options.download, crops)
+    return chosen, (
+        f"{data}: its images are large for a {size}x{size} model (median short side {side} "
+        f"px): training on {crops} random crops of each at random scales (--crops 0: one "
+        "resized copy of each; --crops N: N of each)"
+    )
 
 
 @dataclass

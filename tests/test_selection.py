@@ -281,3 +281,26 @@ def test_training_on_crops_is_recorded_and_reused_by_the_verbs(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["images"] == 10
     code = main(["train", "--out", str(out), "--resume", "--crops", "5", "--quiet"])
     assert code == 2 and "trained with --crops 10" in capsys.readouterr().err
+
+
+def test_train_cuts_crops_by_itself_from_photos_much_larger_than_the_model(tmp_path, capsys):
+    """Photos at least 4x the model's side: `train` cuts random crops of each (as many as the
+    budget gives, at most 200), says so once and records it; `--crops 0` keeps one resized copy
+    of each; a test image no larger than the model is itself once, not many identical crops."""
+    from imagetransformer.cli import main
+    from imagetransformer.data.folder import automatic_crops
+
+    _photos(tmp_path / "photos" / "train", 3)  # 120x90: short side 90 >= 4 x 8
+    _photos(tmp_path / "photos" / "test", 2, size=(8, 8))
+    assert automatic_crops(tmp_path / "photos", 8) == (200, 90)
+    assert automatic_crops(tmp_path / "photos", 32) == (0, 90)  # 90 < 4 x 32: resized copies
+    base = ["train", "--preset", "tiny", "--data", str(tmp_path / "photos"), "--quiet"]
+    base += ["--image-size", "8", "--channels", "1", "--set", "max_steps=1", "--set", "sample_count=0"]
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    said = capsys.readouterr().out
+    assert said.count("training on 200 random crops of each") == 1 and "--crops 0" in said
+    assert "400 train / 200 validation / 2 test images" in said
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["crops"] == 200
+    assert main([*base, "--crops", "0", "--out", str(tmp_path / "copies")]) == 0
+    said = capsys.readouterr().out
+    assert "random crops" not in said and "2 train / 1 validation / 2 test images" in said

@@ -8,7 +8,7 @@ import time
 from .. import distributed
 from ..config import BACKEND_CHOICES, TASKS
 from ..presets import DEFAULT_PRESET
-from ..run import Run, default_run_dir
+from ..run import Run, default_run_dir, with_automatic_crops
 from ..training import Stopped, Trainer
 from . import common
 
@@ -88,14 +88,18 @@ def _settings(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     options = common.data_options(args)
+    crops_line = None
     if args.resume:
         out = args.out or default_run_dir(args.preset or DEFAULT_PRESET, resume=True)
         the_run = Run.resume(out, settings, data=args.data, preset=args.preset, crops=args.crops)
     else:
+        options, crops_line = with_automatic_crops(args.data, options)
         the_run = Run.new(args.out, args.preset, settings, args.data, options)
     train_set, validation_set, test_set = the_run.load_training_splits(options)
     context, device = distributed.setup(common.device(args.device))
     say = print if context.is_main else (lambda *a, **k: None)
+    if not args.resume and crops_line:
+        say(crops_line)
     if not args.resume:  # a resumed run keeps the config it recorded
         took = the_run.take_few_images_settings(len(train_set), settings)
         if took:

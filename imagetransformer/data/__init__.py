@@ -23,6 +23,7 @@ __all__ = [
     "ALL",
     "DATASET_NAMES",
     "REGISTRY",
+    "FOLDER_SIDE",
     "DataSet",
     "ImageDataset",
     "default_root",
@@ -33,6 +34,7 @@ __all__ = [
 
 SPLITS = ("train", "test")
 ALL = "all"  # every image of an image folder (its train/ and test/ sub-folders together)
+FOLDER_SIDE = 32  # the side an image folder is read at unless --image-size says otherwise
 DATA_ROOT_ENV = "IMAGETRANSFORMER_DATA"
 
 
@@ -196,7 +198,7 @@ def load_dataset(
         ds = record.load_path(path, split, image_size if record.sized else None)
         return conform(ds, image_size, channels)
     if path.is_dir():
-        return folder.load(path, split, image_size or 32, channels or 3, crops)
+        return folder.load(path, split, image_size or FOLDER_SIDE, channels or 3, crops)
     raise UserError(
         f"{path} is not a data set: give a folder of images, "
         + "".join(f"{r.path_hint}, " for r in _PATH_KINDS)

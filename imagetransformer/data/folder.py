@@ -33,6 +33,20 @@ def load(
     tensor; with `crops`, cut that many random squares at random scales from every image
     instead (see `random_crops`)."""
     mode = pil_mode(channels)  # validates channels before any decoding work
+    files, labels, classes = split_files(root, split)
+    num_classes = len(classes) if labels is not None else None
+    ids = [f.relative_to(root).as_posix() for f in files]
+    name = root.resolve().name or str(root)
+    if crops:
+        return _cropped(files, ids, labels, num_classes, name, mode, image_size, crops)
+    images = torch.stack([_decode(f, mode, image_size) for f in files])
+    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+    return ImageDataset(images, label_tensor, num_classes, name, ids)
+
+
+def split_files(root: Path, split: str) -> tuple[list[Path], list[int] | None, list[str]]:
+    """The image files of a split (train, test or all) in a fixed order, their labels (None
+    without class sub-folders) and the class names."""
     has = [name for name in ("train", "test") if (root / name).is_dir()]
     if len(has) == 1:
         other = "test" if has == ["train"] else "train"
@@ -66,14 +80,7 @@ def load(
             keep = _holdout(len(files), split)
             files = [files[i] for i in keep]
             labels = None if labels is None else [labels[i] for i in keep]
-    num_classes = len(classes) if labels is not None else None
-    ids = [f.relative_to(root).as_posix() for f in files]
-    name = root.resolve().name or str(root)
-    if crops:
-        return _cropped(files, ids, labels, num_classes, name, mode, image_size, crops)
-    images = torch.stack([_decode(f, mode, image_size) for f in files])
-    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
-    return ImageDataset(images, label_tensor, num_classes, name, ids)
+    return files, labels, classes
 
 
 def random_crops(image: Image.Image, size: int, count: int, key: str) -> list[np.ndarray]:
@@ -98,21 +105,55 @@ def random_crops(image: Image.Image, size: int, count: int, key: str) -> list[np
     return out
 
 
+# `train` cuts random crops by itself from a folder of photos much larger than the model
+LARGE = 4  # ... when the median short side is at least this many model sides
+CROP_BUDGET = 20_000  # crops of the whole train split at most (60 MB at 3x32x32)
+MAX_CROPS = 200  # crops of one image at most
+
+
+def automatic_crops(root: Path, size: int) -> tuple[int, int]:
+    """(random crops per image, the median short side in pixels) of the folder's train split
+    for a model of side `size`: 0 crops when its images are not at least `LARGE` times the
+    model's side (one resized copy each then keeps what there is), else as many as the budget
+    gives each image, at most `MAX_CROPS`: a folder of 40 holiday photos gives 8,000 crops
+    where resized copies would give 36 images. Reads the files' headers, not their pixels."""
+    try:
+        files = split_files(root, "train")[0]
+    except UserError:
+        return 0, 0  # loading says what is wrong
+    sides = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # loading names the file
+    if not sides:
+        return 0, 0
+    median = int(np.median(sides))
+    if median < LARGE * size:
+        return 0, median
+    return max(1, min(MAX_CROPS, CROP_BUDGET // len(files))), median
+
+
 def _cropped(files, ids, labels, num_classes, name, mode, size, crops) -> ImageDataset:
-    """`crops` random crops of every file; `groups` says which file each one came from, so a
-    validation split can hold out whole images rather than crops of training images."""
+    """`crops` random crops of every file (one of a file no larger than the model's side: all
+    its crops would be the same); `groups` says which file each one came from, so a validation
+    split can hold out whole images rather than crops of training images."""
     arrays, crop_ids, groups = [], [], []
     for index, (path, key) in enumerate(zip(files, ids, strict=True)):
-        arrays += random_crops(_open(path, mode), size, crops, key)
-        crop_ids += [f"{key}#crop{k}" for k in range(crops)]
-        groups += [index] * crops
+        image = _open(path, mode)
+        count = crops if min(image.size) > size else 1  # a small image: itself, resized
+        arrays += random_crops(image, size, count, key)
+        crop_ids += [f"{key}#crop{k}" for k in range(count)]
+        groups += [index] * count
     stacked = np.stack(arrays)
     images = torch.from_numpy(
         stacked[:, None].copy() if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2).copy()
     )
     label_tensor = None
     if labels is not None:
-        label_tensor = torch.tensor(labels, dtype=torch.int64).repeat_interleave(crops)
+        label_tensor = torch.tensor(labels, dtype=torch.int64)[torch.tensor(groups)]
     dataset = ImageDataset(images, label_tensor, num_classes, name, crop_ids)
     dataset.groups = torch.tensor(groups, dtype=torch.int64)
     return dataset
