@@ -107,12 +107,18 @@ def blocked_attention(
     return rearrange(out, "b h nb q d -> b h (nb q) d")[:, :, :n]
 
 
+BAND_BLOCKS = 3  # the widest band (in query blocks) built from blocks side by side
+
+
 def _band(x: torch.Tensor, offset: int, width: int, q_block: int, num_blocks: int):
     """[B, h, nb, width, dh]: block b's window of steps [b*Q - offset, b*Q - offset + width)
-    of x [B, h, N, dh] (zeros outside). When offset and width are whole blocks (local_1d with
-    memory a multiple of the block), the windows are whole blocks side by side, whose backward
-    is a few slices and adds; otherwise a strided window (`unfold`), whose backward scatters."""
-    if offset % q_block or width % q_block:
+    of x [B, h, N, dh] (zeros outside). When offset and width are whole blocks, at most
+    `BAND_BLOCKS` of them (local_1d with a memory of one or two blocks), the windows are whole
+    blocks side by side: a copy of `width / Q` times x, whose backward is slices and adds.
+    Otherwise a strided view (`unfold`), which copies nothing but whose backward scatters:
+    wider bands (local_2d's 9 blocks) were slower and held 1.5x the memory as copies
+    (benchmarks/RESULTS.md)."""
+    if offset % q_block or width % q_block or width > BAND_BLOCKS * q_block:
         pad_end = num_blocks * q_block - x.shape[2]
         windows = F.pad(x, (0, 0, offset, pad_end)).unfold(2, width, q_block)
         return windows.transpose(-1, -2)

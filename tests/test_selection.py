@@ -295,7 +295,8 @@ def test_train_cuts_crops_by_itself_from_photos_much_larger_than_the_model(tmp_p
     assert automatic_crops(tmp_path / "photos", 8) == (200, 90)
     assert automatic_crops(tmp_path / "photos", 32) == (0, 90)  # 90 < 4 x 32: resized copies
     base = ["train", "--preset", "tiny", "--data", str(tmp_path / "photos"), "--quiet"]
-    base += ["--image-size", "8", "--channels", "1", "--set", "max_steps=1", "--set", "sample_count=0"]
+    base += ["--image-size", "8", "--channels", "1"]
+    base += ["--set", "max_steps=1", "--set", "sample_count=0"]
     assert main([*base, "--out", str(tmp_path / "auto")]) == 0
     said = capsys.readouterr().out
     assert said.count("training on 200 random crops of each") == 1 and "--crops 0" in said
