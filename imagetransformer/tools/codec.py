@@ -374,9 +374,10 @@ def compress(
     model codes each image with its label from `labels` [N] (stored in the file; see
     `best_labels`), a super-resolution model with the image's own area-downsampled copy (stored
     raw in the file). `estimate(indices)`: those images' costs in bits under the float model
-    (`float_costs`, one parallel pass). Once a group has had to be coded again, it picks the
-    images of every later group to store otherwise before they are coded, so that each is
-    coded once (images the model codes well never pay for the estimate; the integer model's
+    (`float_costs`, one parallel pass, a few percent of coding the group): it picks the images
+    of the first group to store otherwise before they are coded, and those of every later group
+    once any image has been stored otherwise or a group has had to be coded again, so that each
+    group is coded once (data the model codes well pays for one estimate; the integer model's
     exact costs still decide where the two differ)."""
     _check_shape(model, images)
     labels = _check_labels(model, labels, len(images))
@@ -396,7 +397,7 @@ def compress(
         header.stored[i] = (mode, len(payload))
         return True
 
-    streams, model_bits, estimating = [], 0.0, False
+    streams, model_bits, estimating = [], 0.0, estimate is not None
     with _bar(len(images), "compress", progress) as bar:
         for start in range(0, len(images), batch_size):
             members = list(range(start, min(start + batch_size, len(images))))
@@ -415,7 +416,7 @@ def compress(
                     model_bits += float(bits.sum())
                     break
                 members = [i for i in members if i not in worse]
-                estimating = estimate is not None
+            estimating = estimate is not None and bool(stored_payloads)
             bar.update(min(batch_size, len(images) - start))
     out = bytearray(header.to_bytes())
     for words in streams:
