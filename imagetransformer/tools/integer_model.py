@@ -542,11 +542,11 @@ class MixtureCoding:
 
     def code(self, channel: int, code: Code, known: torch.Tensor | None):
         """Channel `channel`'s value [n] and its bits [n], by two symbols: which of the 16
-        ranges of 16 values it is in, then which value of that range. The mixture's CDF is
-        needed at 32 boundaries this way, where one 256-way table needs all 255, and the two
-        symbols' probabilities multiply to the value's (bar rounding). Then the components are
-        weighed by their mass of it (plus one, so that no value leaves all of them at zero),
-        and the later channels coupled to it."""
+        ranges of 16 values it is in, then which value of that range. Each component's CDF is
+        needed at 34 boundaries this way (17 and 17), where one 256-way table needs all 255;
+        the two symbols' probabilities multiply to the value's (bar rounding). Then the
+        components are weighed by their mass of it (plus one, so that no value leaves all of
+        them at zero), and the later channels coupled to it."""
         device = self.weights.device
         mean = self.mean(channel)
         zero = torch.zeros(mean.shape[0], dtype=torch.long, device=device)
