@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,7 @@ def with_automatic_crops(data: str | None, options: DataOptions) -> tuple[DataOp
     crops, side = folder.automatic_crops(Path(data).expanduser(), size)
     if not crops:
         return options, None
-    chosen = DataOptions(options.image_size, options.channels, options.download, crops)
-    return chosen, (
+    return replace(options, crops=crops), (
         f"{data}: its images are large for a {size}x{size} model (median short side {side} "
         f"px): training on {crops} random crops of each at random scales (--crops 0: one "
         "resized copy of each; --crops N: N of each)"

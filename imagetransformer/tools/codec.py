@@ -33,7 +33,7 @@ from ..files import WriteError
 from ..layout import area_downsample
 from ..model import ImageTransformer
 from ..runs_io import open_model, open_run
-from .integer_model import CALIBRATION_IMAGES, FREQ_BITS, IntegerModel, quantize
+from .integer_model import CALIBRATION_IMAGES, IntegerModel, quantize, symbol_bits
 
 MAGIC = b"ITC\x00"
 VERSION = 4
@@ -222,8 +222,7 @@ class _Coders:
         symbols = torch.from_numpy(array)
         if tables is None:
             return symbols, torch.full((self.n,), math.prod(shape) * math.log2(k))
-        picked = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
-        return symbols, FREQ_BITS - torch.log2((picked + 1).double())
+        return symbols, symbol_bits(freqs, symbols)
 
 
 def _code_groups(

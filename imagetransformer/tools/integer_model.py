@@ -114,6 +114,13 @@ def free_units(symbols: int) -> int:
     return (1 << FREQ_BITS) - symbols
 
 
+def symbol_bits(freqs: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
+    """The exact bits [n] of coding `symbols` [n] under integer frequencies `freqs` [n, k]:
+    -log2((f + 1) / 2^24), float64."""
+    picked = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
+    return FREQ_BITS - torch.log2((picked + 1).double())
+
+
 def frequencies(weights: torch.Tensor, bound_bits: int) -> torch.Tensor:
     """Integer frequencies [..., k] summing to `free_units(k)`, proportional to non-negative
     int64 `weights` [..., k] whose rows sum to less than 2^bound_bits. What rounding leaves
@@ -524,10 +531,9 @@ class MixtureCoding:
             mean = mean + rshift(coupling, COEF_FRAC)
         return mean
 
-    def component_masses(self, mean: torch.Tensor, channel: int, low: torch.Tensor, step: int):
-        """[n, K, 16]: each component's masses of 16 ranges of `step` values from `low` [n]
-        (its CDF at the 17 boundaries low + step j: 0 below value 0, 2^28 above 255)."""
-        bounds = low[:, None] + step * self.model.sixteen  # [n, 17], in 0..256
+    def component_masses(self, mean: torch.Tensor, channel: int, bounds: torch.Tensor):
+        """[n, K, 16]: each component's masses of the 16 ranges between 17 boundaries `bounds`
+        [n or 1, 17] in 0..256 (its CDF there: 0 below value 0, 2^28 above 255)."""
         inner = self.model.edges[(bounds - 1).clamp_(0, 254)]  # edge below value b
         u = (inner[:, None] - mean[..., None]) * self.inv_scales[..., channel, None]
         cdf = logistic_cdf(u, self.model.sigmoid, self.model.sigmoid_slope)  # [n, K, 17]
@@ -549,11 +555,11 @@ class MixtureCoding:
         them at zero), and the later channels coupled to it."""
         device = self.weights.device
         mean = self.mean(channel)
-        zero = torch.zeros(mean.shape[0], dtype=torch.long, device=device)
-        coarse = self.mixed(self.component_masses(mean, channel, zero, 16))
+        coarse = self.mixed(self.component_masses(mean, channel, self.model.range_bounds))
         high, high_bits = code(None if known is None else known >> 4, coarse)
         high = high.to(device)
-        masses = self.component_masses(mean, channel, high * 16, 1)
+        fine_bounds = 16 * high[:, None] + self.model.value_bounds  # [n, 17]
+        masses = self.component_masses(mean, channel, fine_bounds)
         low, low_bits = code(None if known is None else known & 15, self.mixed(masses))
         low = low.to(device)
         values = high * 16 + low
@@ -747,7 +753,9 @@ class IntegerModel:
             self.tanh = store.get("tanh", device)
             self.sigmoid = store.get("logistic_cdf", device)
             self.sigmoid_slope = self.sigmoid[1:] - self.sigmoid[:-1]
-            self.sixteen = torch.arange(17, device=device)  # a range's 17 boundaries
+            # the boundaries of the 16 ranges of 16 values, and of the values within a range
+            self.value_bounds = torch.arange(17, device=device)
+            self.range_bounds = (16 * self.value_bounds)[None]
             self.edges = store.get("edges", device)
             self.unit_values = store.get("unit_values", device)
         self._fingerprint: bytes | None = None
@@ -948,8 +956,7 @@ class IntegerModel:
 
         def record(symbols: torch.Tensor, freqs: torch.Tensor):
             tables.append((symbols, freqs))
-            picked = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
-            return symbols, FREQ_BITS - torch.log2((picked + 1).double())
+            return symbols, symbol_bits(freqs, symbols)
 
         for step in range(self.config.num_positions):
             head = self.step(state, step, values[:, step - 1] if step else None)
@@ -970,8 +977,7 @@ class IntegerModel:
         given its label or low-resolution input where the model takes one."""
         total = torch.zeros(images.shape[0], dtype=torch.float64, device=self.device)
         for symbols, freqs in self.coded_tables(images, labels, low_res):
-            f = freqs.gather(-1, symbols.view(-1, 1))[:, 0]
-            total += FREQ_BITS - torch.log2((f + 1).double())
+            total += symbol_bits(freqs, symbols)
         return total
 
 
