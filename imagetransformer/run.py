@@ -72,6 +72,8 @@ class DataOptions:
     channels: int | None = None
     download: bool = False
     crops: int | None = None  # random crops per image of a folder (None or 0: one resized copy)
+    # the fraction of each photo's train crops cut from its validation strip (0: no strips)
+    strip: float = 0.0
 
     def load(self, spec: str, split: str) -> ImageDataset:
         return load_dataset(
@@ -81,6 +83,7 @@ class DataOptions:
             channels=self.channels,
             download=self.download,
             crops=self.crops or 0,
+            strip=self.strip if split == "train" else 0.0,
         )
 
 
@@ -101,6 +104,15 @@ def with_automatic_crops(data: str | None, options: DataOptions) -> tuple[DataOp
     )
 
 
+def validation_strips_line(fraction: float) -> str:
+    """What a run whose validation crops come from strips of its photos says once."""
+    return (
+        f"validation: crops of the last {fraction:.0%} of each photo's long side, which no "
+        f"training crop touches (too few photos to hold out {folder.WHOLE_PHOTOS} whole ones; "
+        "--set validation_fraction=0: train on all of every photo)"
+    )
+
+
 @dataclass
 class RunInfo:
     """What a run folder records besides the model config: the data and the recipe."""
@@ -111,6 +123,9 @@ class RunInfo:
     image_size: int | None = None
     channels: int | None = None
     crops: int | None = None
+    # validation crops come from a strip of every photo (folder.validation_strips); recorded so
+    # that runs started before strips existed keep holding out whole photos
+    validation_strips: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     world_size: int | None = None  # processes of the latest (re)start; None: not recorded
     # the step and validation bits/dim of the weights in model.safetensors (None: the latest)
@@ -125,6 +140,7 @@ class RunInfo:
                 "image_size": self.image_size,
                 "channels": self.channels,
                 "crops": self.crops,
+                "validation_strips": self.validation_strips,
                 "world_size": self.world_size,
                 "selected": self.selected,
                 **self.extra,
@@ -146,6 +162,7 @@ class RunInfo:
                 image_size=data.pop("image_size", None),
                 channels=data.pop("channels", None),
                 crops=data.pop("crops", None),
+                validation_strips=bool(data.pop("validation_strips", False)),
                 world_size=data.pop("world_size", None),
                 selected=data.pop("selected", None),
                 extra=data,
@@ -164,6 +181,7 @@ class RunInfo:
             channels=given.channels if given.channels is not None else self.channels,
             download=given.download,
             crops=given.crops if given.crops is not None else self.crops,
+            strip=self.train.validation_fraction if self.validation_strips else 0.0,
         )
 
 
@@ -229,6 +247,10 @@ class Run:
             image_size=options.image_size,
             channels=options.channels,
             crops=options.crops,
+            validation_strips=is_image_folder(data)
+            and folder.validation_strips(
+                Path(data).expanduser(), options.crops or 0, train.validation_fraction
+            ),
         )
         return cls(Path(path) if path else default_run_dir(preset), config, info)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from imagetransformer import TrainConfig, UserError
 from imagetransformer.data import ImageDataset, load_dataset
 from imagetransformer.data.validation import VALIDATION_MAX, split_validation, validation_size
-from imagetransformer.run import Run, RunInfo, load_run_split
+from imagetransformer.run import DataOptions, Run, RunInfo, load_run_split
 from imagetransformer.training import Trainer, batch_indices, flip_mask, micro_batches
 
 from .helpers import tiny_config
@@ -275,10 +275,14 @@ def test_training_on_crops_is_recorded_and_reused_by_the_verbs(tmp_path, capsys)
     args += ["--set", "max_steps=2", "--set", "sample_count=0"]
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "20 train / 10 validation / 10 test images" in said
-    assert json.loads((out / "run.json").read_text())["crops"] == 10
+    assert "27 train / 3 validation / 10 test images" in said  # 1 crop of each photo's strip
+    assert "validation: crops of the last 10% of each photo's long side" in said
+    record = json.loads((out / "run.json").read_text())
+    assert record["crops"] == 10 and record["validation_strips"] is True
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 10
+    assert main(["eval", str(out), "--split", "validation", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
     code = main(["train", "--out", str(out), "--resume", "--crops", "5", "--quiet"])
     assert code == 2 and "trained with --crops 10" in capsys.readouterr().err
 
@@ -300,8 +304,66 @@ def test_train_cuts_crops_by_itself_from_photos_much_larger_than_the_model(tmp_p
     assert main([*base, "--out", str(tmp_path / "auto")]) == 0
     said = capsys.readouterr().out
     assert said.count("training on 200 random crops of each") == 1 and "--crops 0" in said
-    assert "400 train / 200 validation / 2 test images" in said
+    assert "540 train / 60 validation / 2 test images" in said  # a strip of each of 3 photos
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["crops"] == 200
     assert main([*base, "--crops", "0", "--out", str(tmp_path / "copies")]) == 0
     said = capsys.readouterr().out
     assert "random crops" not in said and "2 train / 1 validation / 2 test images" in said
+
+
+def test_a_folder_of_few_photos_validates_on_a_strip_of_each_that_training_never_touches(
+    tmp_path, monkeypatch
+):
+    """Too few photos to hold out whole ones: each photo's validation crops come from the last
+    tenth of its long side, its training crops from the rest; runs recorded before strips
+    existed keep holding out whole photos."""
+    from PIL import Image
+
+    from imagetransformer.data import folder
+
+    root = tmp_path / "photos"
+    for part, count in (("train", 3), ("test", 1)):
+        (root / part).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.random.default_rng(i).integers(0, 128, (90, 120, 3), dtype=np.uint8)
+            pixels[:, 108:] = 255  # the strip: the last 12 of 120 columns, pure white
+            Image.fromarray(pixels).save(root / part / f"p{i}.png")
+    assert folder.strip_boxes(120, 90, 0.1, 8) == ((0, 0, 108, 90), (108, 0, 120, 90))
+    assert folder.strip_boxes(90, 120, 0.1, 8) == ((0, 0, 90, 108), (0, 108, 90, 120))
+    assert folder.strip_boxes(12, 10, 0.1, 8) is None  # 4 columns would be left to train on
+    assert folder.validation_strips(root, 20, 0.1)  # 3 photos x 0.1 < 5 whole ones
+    assert not folder.validation_strips(root, 0, 0.1) and not folder.validation_strips(root, 20, 0)
+    monkeypatch.setattr(folder, "WHOLE_PHOTOS", 1)
+    assert not folder.validation_strips(root, 20, 0.5)  # 1.5 photos: whole ones then
+    monkeypatch.undo()
+
+    train = load_dataset(str(root), "train", image_size=8, crops=20, strip=0.1)
+    assert len(train) == 60 and int(train.held.sum()) == 6  # 2 of each photo's 20
+    assert train.held.view(3, 20)[:, -2:].all()
+    assert torch.equal(
+        train.images, load_dataset(str(root), "train", image_size=8, crops=20, strip=0.1).images
+    )  # seeded
+    kept, held = split_validation(train, 0.1)
+    assert len(kept) == 54 and len(held) == 6 and held.name.endswith("(validation)")
+    assert bool((held.images == 255).all())  # every validation crop lies inside the strip
+    assert int(kept.images.max()) < 128  # no training crop touches it
+    assert all(i.split("#")[1].startswith("held") for i in held.ids)
+    assert load_dataset(str(root), "test", image_size=8, crops=20).held is None
+
+    # the run records the choice; an old record without it holds out whole photos
+    run = Run.new(
+        tmp_path / "run",
+        "tiny",
+        ["validation_fraction=0.1"],
+        str(root),
+        DataOptions(image_size=8, crops=20),
+    )
+    assert run.info.validation_strips and run.info.data_options().strip == 0.1
+    info = json.loads(run.info.to_json())
+    del info["validation_strips"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(json.dumps(info))
+    old = RunInfo.read(tmp_path / "old")
+    assert not old.validation_strips and old.data_options().strip == 0.0
+    whole = load_run_split(old.data_options(), str(root), "validation", 0.1)
+    assert len(whole) == 20 and whole.groups.unique().numel() == 1  # one whole photo

@@ -4,7 +4,7 @@ model reads, reading images."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,11 +113,10 @@ def fit_folder(options: DataOptions, spec: str, shape: tuple[int, int, int] | No
     if shape is None or not is_image_folder(spec):
         return options
     c, h, w = shape
-    return DataOptions(
+    return replace(
+        options,
         image_size=options.image_size if options.image_size is not None or h != w else h,
         channels=options.channels if options.channels is not None else c,
-        download=options.download,
-        crops=options.crops,
     )
 
 

@@ -8,7 +8,7 @@ import time
 from .. import distributed
 from ..config import BACKEND_CHOICES, TASKS
 from ..presets import DEFAULT_PRESET
-from ..run import Run, default_run_dir, with_automatic_crops
+from ..run import Run, default_run_dir, validation_strips_line, with_automatic_crops
 from ..training import Stopped, Trainer
 from . import common
 
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     say = print if context.is_main else (lambda *a, **k: None)
     if not args.resume and crops_line:
         say(crops_line)
+    if not args.resume and the_run.info.validation_strips:
+        say(validation_strips_line(the_run.info.train.validation_fraction))
     if not args.resume:  # a resumed run keeps the config it recorded
         took = the_run.take_few_images_settings(len(train_set), settings)
         if took:

@@ -154,6 +154,7 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
     crops: int = 0,
+    strip: float = 0.0,
 ) -> ImageDataset:
     """Load one split of a built-in set (by name) or a path (image folder, CIFAR-10/ImageNet
     file, CelebA folder).
@@ -164,7 +165,8 @@ def load_dataset(
     ``all`` is every image of an image folder (train/ and test/ together, or all of a folder
     that has no such sub-folders); the other sets come in train and test splits only.
     ``crops`` > 0 cuts that many random crops at random scales from every image of a folder,
-    instead of one resized copy (refused for the other sets).
+    instead of one resized copy (refused for the other sets); ``strip`` of them from a strip
+    of each photo that no other crop touches (the validation crops of a folder of few photos).
     """
     if split not in (*SPLITS, ALL):
         raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -198,7 +200,7 @@ def load_dataset(
         ds = record.load_path(path, split, image_size if record.sized else None)
         return conform(ds, image_size, channels)
     if path.is_dir():
-        return folder.load(path, split, image_size or FOLDER_SIDE, channels or 3, crops)
+        return folder.load(path, split, image_size or FOLDER_SIDE, channels or 3, crops, strip)
     raise UserError(
         f"{path} is not a data set: give a folder of images, "
         + "".join(f"{r.path_hint}, " for r in _PATH_KINDS)

@@ -40,6 +40,8 @@ class ImageDataset(Dataset):
         self.ids = ids
         # which source image each image comes from (random crops of a photo); None: its own
         self.groups: torch.Tensor | None = None
+        # crops cut from their photo's validation strip (folder.strip_boxes); None: no strips
+        self.held: torch.Tensor | None = None
         self.labels = labels
         self.num_classes = num_classes
         self.name = name
@@ -88,6 +90,8 @@ class DatasetView(ImageDataset):
         self.ids = None if ids is None else [ids[i] for i in self.indices.tolist()]
         groups = getattr(base, "groups", None)
         self.groups = None if groups is None else groups[self.indices]
+        held = getattr(base, "held", None)
+        self.held = None if held is None else held[self.indices]
 
     @property  # a plain attribute in ImageDataset; gathered on demand here
     def images(self) -> torch.Tensor:

@@ -6,7 +6,8 @@ by a seeded draw that does not depend on the run's seed, so runs that differ onl
 seed are chosen on the same images; for a folder without train/ and test/ sub-folders that is a
 fraction of the images left after the automatic test split. Random crops of one photo are
 held out together, whole photos at a time, so that validation judges images the model has seen
-no part of.
+no part of; a folder of too few photos for that holds out a strip of every photo instead, which
+no training crop touches (`folder.validation_strips`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def split_validation(
     train: ImageDataset, fraction: float
 ) -> tuple[ImageDataset, ImageDataset | None]:
     """(the images left to train on, the validation images), both in their original order."""
+    held = getattr(train, "held", None)
+    if held is not None and fraction > 0:  # crops of each photo's validation strip
+        return (
+            DatasetView(train, (~held).nonzero().flatten()),
+            DatasetView(train, held.nonzero().flatten(), name=f"{train.name} (validation)"),
+        )
     n = len(train)
     k = validation_size(n, fraction)
     if k == 0:
