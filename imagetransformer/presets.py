@@ -245,13 +245,13 @@ PRESETS: dict[str, Preset] = {
             attention="local_1d",
             num_layers=4,
             d_model=64,
-            num_heads=4,
+            num_heads=1,
             ffn_size=256,
             dropout=0.0,
             output="dmol",
             num_mixtures=10,
             block_length=64,
-            memory_length=128,
+            memory_length=64,
             norm_first=True,
             above_signal=True,
         ),
@@ -259,7 +259,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=8,
             learning_rate=0.03,
             warmup_steps=150,
-            max_steps=2200,
+            max_steps=3450,
             lr_schedule="cosine",
             eval_every=1000,
             eval_images=200,
@@ -268,8 +268,8 @@ PRESETS: dict[str, Preset] = {
             weight_decay=0.5,
         ),
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
-        "per pixel, local 1D over 2-row blocks with 4 rows of memory, the value above in the "
-        "input, 4 layers d=64, weight decay 0.5, "
+        "per pixel, local 1D over 2-row blocks with 2 rows of memory, the value above in the "
+        "input, 4 layers d=64 with one head, weight decay 0.5, "
         "~10 min on 2 cores; with fewer than 3,000 training images also the four nearby "
         "values (near_signal)",
         data=PresetData("cifar10"),
