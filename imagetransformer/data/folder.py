@@ -149,7 +149,7 @@ def validation_strips(root: Path, crops: int, fraction: float) -> bool:
     """Whether a run on crops of folder `root` takes its validation crops from a strip of
     every photo rather than from whole photos held out: when `fraction` of its training photos
     is fewer than `WHOLE_PHOTOS`. Holding out one photo of six cost such a folder a sixth of
-    its views and 0.17 bits/dim on other photos (docs/model.md, Automatic crops)."""
+    its views and 0.17 bits/dim on other photos (docs/model.md, Training: Augmentation)."""
     if not crops or fraction <= 0:
         return False
     try:
