@@ -178,6 +178,18 @@ def test_class_init_scales_the_variance_scaling_init():
     assert all(torch.equal(v, half.state_dict()[k]) for k, v in others.items())
 
 
+def test_a_conditional_model_starts_with_its_unconditional_twins_weights():
+    """The zero class table draws no random numbers, so at one seed the two runs differ by
+    the label alone."""
+    torch.manual_seed(0)
+    twin = ImageTransformer(tiny_config()).state_dict()
+    torch.manual_seed(0)
+    cond = ImageTransformer(tiny_config(num_classes=3, class_dropout=0.1)).state_dict()
+    assert torch.equal(cond.pop("class_embed.weight"), torch.zeros(4, 16))
+    assert cond.keys() == twin.keys()
+    assert all(torch.equal(v, twin[k]) for k, v in cond.items())
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_save_and_load_pretrained(tmp_path, norm_first):
     model = ImageTransformer(tiny_config("local_2d", norm_first=norm_first, pos="learned")).eval()
