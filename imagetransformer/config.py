@@ -214,7 +214,8 @@ class TrainConfig:
     max_steps: int = 1000
     learning_rate: float = 0.1  # the noam "base"; peak lr = base * 10 / sqrt(d_model * warmup)
     warmup_steps: int = 4000
-    lr_schedule: str = "noam"  # noam (paper), or cosine: same warm-up, then cosine decay to 0
+    # noam (paper); cosine or linear: the same warm-up, then a cosine or straight decay to 0
+    lr_schedule: str = "noam"
     grad_clip: float = 1.0  # max global gradient norm; 0 disables (the paper presets: 0)
     ema_decay: float = 0.0  # moving average of the weights, evaluated and saved; 0 disables
     input_noise: float = 0.0  # fraction of training intensities replaced by uniform noise
@@ -249,7 +250,7 @@ class TrainConfig:
             raise UserError("eval_every, eval_images, sample_every and sample_count must be >= 0")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
-        _choice("lr_schedule", self.lr_schedule, ("noam", "cosine"))
+        _choice("lr_schedule", self.lr_schedule, ("noam", "cosine", "linear"))
         _choice("precision", self.precision, tuple(PRECISIONS))
         if not 0.0 <= self.input_noise < 1.0:
             raise UserError(f"input_noise must be in [0, 1) (0: off), got {self.input_noise}")

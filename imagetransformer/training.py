@@ -44,7 +44,8 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
     """docs/model.md, Training: noam, `base*10*d^-0.5*min((s+1)*w^-1.5, (s+1)^-0.5)`, peak at s = w.
 
     `cosine` warms up linearly to the same peak, then decays to zero at `max_steps`: for short
-    CPU runs that end long before noam's slow decay has done its work.
+    CPU runs that end long before noam's slow decay has done its work. `linear` decays in a
+    straight line instead: below cosine in the first half of the decay, above it in the second.
     """
     s, w = step + 1, cfg.warmup_steps
     scale = cfg.learning_rate * 10 * d_model**-0.5
@@ -54,6 +55,8 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int) -> float:
     if s <= w:
         return peak * s / w
     progress = min(1.0, (s - w) / max(1, cfg.max_steps - w))
+    if cfg.lr_schedule == "linear":
+        return peak * (1 - progress)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -37,6 +37,19 @@ def test_cosine_schedule_reaches_zero():
     assert learning_rate(99, cfg, 64) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_linear_schedule_falls_in_a_straight_line_to_zero():
+    """The same warm-up and peak as cosine, then equal steps down: halfway through the decay
+    half the peak (as cosine), a quarter of the way 0.75 of it (cosine: 0.85)."""
+    cfg = TrainConfig(learning_rate=0.2, warmup_steps=10, max_steps=110, lr_schedule="linear")
+    peak = 0.2 * 10 / math.sqrt(640)
+    assert math.isclose(learning_rate(9, cfg, 64), peak)
+    assert math.isclose(learning_rate(34, cfg, 64), 0.75 * peak)
+    assert math.isclose(learning_rate(59, cfg, 64), 0.5 * peak)
+    assert learning_rate(109, cfg, 64) == pytest.approx(0.0, abs=1e-12)
+    drops = [learning_rate(s, cfg, 64) - learning_rate(s + 1, cfg, 64) for s in range(10, 108)]
+    assert max(drops) - min(drops) < 1e-12
+
+
 def test_batch_order_is_a_function_of_seed_and_step():
     """Each epoch visits every image at most once, in a new order per epoch and per seed; and a
     step's batch depends on (seed, step) alone, not on the global RNG or the steps before it, so
