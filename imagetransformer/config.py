@@ -23,6 +23,8 @@ BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: the fastest that runs here (atten
 POSITION_SIGNALS = ("timing", "learned")
 OUTPUTS = tuple(OUTPUT_TYPES)
 TASKS = ("generate", "superres")
+# the settings that only a super-resolution model has (docs/model.md, Departures)
+SUPERRES_OPTIONS = ("low_res_signal", "low_res_upsample", "low_res_remainder", "low_res_bounds")
 # where a class-conditional model adds its class embedding: the decoder's input only, or the
 # input of every block (docs/model.md, Departures: the class signal)
 CLASS_SIGNALS = ("input", "every_block")
@@ -80,6 +82,10 @@ class ImageTransformerConfig:
     # (s^2 times the low-resolution value less the block's values generated so far, over how
     # many remain), per channel (docs/model.md, Departures)
     low_res_remainder: bool = False
+    # superres: give no probability to a value that would leave its block unable to average
+    # to the low-resolution value (categorical output), so every sample downsamples to its
+    # input exactly (docs/model.md, Departures)
+    low_res_bounds: bool = False
     # add an embedding of the value directly above each position (same column and channel, one
     # row up, generated earlier in every attention type's order) to the decoder's input there
     above_signal: bool = False
@@ -143,7 +149,7 @@ class ImageTransformerConfig:
         if self.task == "superres":
             self._validate_superres()
         else:
-            for name in ("low_res_signal", "low_res_upsample", "low_res_remainder"):
+            for name in SUPERRES_OPTIONS:
                 if getattr(self, name):
                     raise UserError(f"{name} needs a super-resolution model (--task superres)")
         for name in ("num_layers", "d_model", "num_heads", "ffn_size", "block_length"):
@@ -187,6 +193,11 @@ class ImageTransformerConfig:
             raise UserError(
                 "a superres model is conditioned on its low-resolution input, not on classes: "
                 "drop num_classes"
+            )
+        if self.low_res_bounds and self.output != "cat":
+            raise UserError(
+                "low_res_bounds needs the categorical output (one value per step); the mixture "
+                "of logistics scores a pixel's channels jointly: drop one of them"
             )
 
     # JSON round-trip ---------------------------------------------------------------------------

@@ -227,6 +227,34 @@ def remainder_tokens(
     return mean.clamp(-offset, 255 + offset) + offset + (256 + 2 * offset) * channel
 
 
+def value_bounds(
+    total: torch.Tensor, earlier_sum: torch.Tensor, to_come: torch.Tensor, scale: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least and the greatest value [B, S] that S steps may take and still leave their
+    blocks able to average to their low-resolution values: `total` [B, S] is s^2 times that
+    value, `earlier_sum` [B, S] the sum of the block's values generated before and `to_come`
+    [S] how many remain, the step's own included. The low-resolution value is the block's mean
+    rounded half to even (`area_downsample`), so the block sums to within s^2 // 2 of `total`,
+    one less on either side where s^2 is even and the value odd (a sum halfway between two
+    values rounds to the even one). Integer arithmetic, so the integer model reads the same
+    bounds."""
+    area = scale * scale
+    odd = torch.div(total, area, rounding_mode="floor") % 2 == 1
+    slack = area // 2 - (odd & (area % 2 == 0)).long()
+    low = total - slack - earlier_sum - 255 * (to_come - 1)
+    high = total + slack - earlier_sum
+    return low.clamp(0, 255), high.clamp(0, 255)
+
+
+def outside_bounds(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[..., 256] True for the values outside [low, high] of each step (`low`, `high` [...]).
+    An empty range, which only values the bounds already gave no probability lead to, marks
+    nothing, so that every distribution stays defined."""
+    values = torch.arange(256, device=low.device)
+    outside = (values < low[..., None]) | (values > high[..., None])
+    return outside & (low <= high)[..., None]
+
+
 def block_totals(
     distribution, low_res: torch.Tensor, scale: int, order: torch.Tensor
 ) -> torch.Tensor:
@@ -339,12 +367,14 @@ class ImageTransformer(nn.Module):
         if superres and (config.low_res_signal or config.low_res_upsample):
             self.register_buffer("_covering", covering_pixel(config)[order], persistent=False)
         self.low_res_remainder = None
-        if superres and config.low_res_remainder:
-            rows = 256 + 2 * remainder_offset(config.scale)
-            self.low_res_remainder = nn.Embedding(rows * config.image_shape[0], d)
+        self.reads_blocks = superres and (config.low_res_remainder or config.low_res_bounds)
+        if self.reads_blocks:  # the block's earlier values and how many are still to come
             earlier, to_come = block_remainder_layout(config, order)
             self.register_buffer("_earlier", earlier, persistent=False)
             self.register_buffer("_to_come", to_come, persistent=False)
+        if superres and config.low_res_remainder:
+            rows = 256 + 2 * remainder_offset(config.scale)
+            self.low_res_remainder = nn.Embedding(rows * config.image_shape[0], d)
             channel = remainder_channels(config, order)
             self.register_buffer("_remainder_channel", channel, persistent=False)
         self.low_res_upsample = None
@@ -543,8 +573,9 @@ class ImageTransformer(nn.Module):
 
     def remainder_base(self, low_res: torch.Tensor | None) -> torch.Tensor | None:
         """[B, N, *value_shape]: s^2 times the low-resolution value covering each step's value
-        (its own channel), in generation order; None without `low_res_remainder`."""
-        if self.low_res_remainder is None or low_res is None:
+        (its own channel), in generation order; None without `low_res_remainder` and
+        `low_res_bounds`."""
+        if not self.reads_blocks or low_res is None:
             return None
         return block_totals(self.distribution, low_res, self.config.scale, self.generation_order)
 
@@ -567,13 +598,36 @@ class ImageTransformer(nn.Module):
     ) -> torch.Tensor:
         """[B, S, *value_shape]: the rows of the remainder table that `remainder_signal` reads
         (see `remainder_tokens`)."""
-        earlier = self._earlier[steps]  # [S, s^2 - 1]
-        found = values[:, earlier.clamp(min=0)].long()  # [B, S, s^2 - 1, *value_shape]
-        found = found * (earlier >= 0).view(*earlier.shape, *([1] * (found.dim() - 3)))
+        found = self.earlier_values(values, steps)
         channel = self._remainder_channel
         if not self.distribution.value_shape:  # one value per step: its own channel
             channel = channel[steps]
         return remainder_tokens(base, found, self._to_come[steps], channel, self.config.scale)
+
+    def earlier_values(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """[B, S, s^2 - 1, *value_shape]: for S steps, the values of their blocks generated
+        before them, read from `values` [B, N', *value_shape] (0 where there are fewer)."""
+        earlier = self._earlier[steps]  # [S, s^2 - 1]
+        found = values[:, earlier.clamp(min=0)].long()
+        return found * (earlier >= 0).view(*earlier.shape, *([1] * (found.dim() - 3)))
+
+    def bounded(
+        self,
+        logits: torch.Tensor,
+        base: torch.Tensor | None,
+        values: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> torch.Tensor:
+        """With `low_res_bounds`: `logits` [B, S, 256] of S steps with -inf for every value that
+        would leave the step's block unable to average to its low-resolution value
+        (`value_bounds`), read from `values` [B, N', ...] generated so far and `base` [B, S]
+        (`remainder_base` at those steps). Without it, or without a low-resolution input, the
+        logits as they are."""
+        if not self.config.low_res_bounds or base is None:
+            return logits
+        earlier_sum = self.earlier_values(values, steps).sum(2)
+        low, high = value_bounds(base, earlier_sum, self._to_come[steps], self.config.scale)
+        return logits.masked_fill(outside_bounds(low, high), float("-inf"))
 
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
@@ -628,15 +682,16 @@ class ImageTransformer(nn.Module):
             x = x + self.above_signal(seq[:, self._above.clamp(min=0)], self._above)
         if self.near_embeds is not None:
             x = x + self.near_signal(seq, self._near)
+        base = self.remainder_base(low_res)
         if self.low_res_remainder is not None:
-            x = x + self.remainder_signal(self.remainder_base(low_res), seq, steps)
+            x = x + self.remainder_signal(base, seq, steps)
         x = self.input_dropout(x)
         again = self.block_signal(labels)
         for i, block in enumerate(self.blocks):
             if i and again is not None:
                 x = x + again
             x = block(x, self.pattern, memory)
-        return self.head(self.final_norm(x))
+        return self.bounded(self.head(self.final_norm(x)), base, seq, steps)
 
     def forward(
         self,
@@ -766,7 +821,7 @@ class ImageTransformer(nn.Module):
             memory_kvs = [None] * len(self.blocks)
         values = None
         reads_back = (self.above_embed, self.near_embeds, self.low_res_remainder)
-        if any(part is not None for part in reads_back):  # earlier values are read again
+        if any(part is not None for part in reads_back) or self.reads_blocks:  # read again
             value_shape = self.distribution.value_shape
             values = torch.zeros(
                 (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
@@ -808,9 +863,9 @@ class ImageTransformer(nn.Module):
             x = x + self.above_signal(state.values[:, above.clamp(min=0)], above)
         if self.near_embeds is not None:
             x = x + self.near_signal(state.values, self._near[:, step : step + 1])
-        if state.remainder_base is not None:
-            at = torch.tensor([step], device=x.device)
-            base = state.remainder_base[:, step : step + 1]
+        at = torch.tensor([step], device=x.device)
+        base = None if state.remainder_base is None else state.remainder_base[:, step : step + 1]
+        if self.low_res_remainder is not None and base is not None:
             x = x + self.remainder_signal(base, state.values, at)
         conditioning = state.conditioning
         if isinstance(conditioning, torch.Tensor) and conditioning.shape[1] > 1:
@@ -823,7 +878,7 @@ class ImageTransformer(nn.Module):
                 h = h + state.block_signal
             h = block.step(h, step, self.pattern, cache, memory_kv)
         state.next_step = step + 1
-        return self.head(self.final_norm(h))[:, 0]
+        return self.bounded(self.head(self.final_norm(h)), base, state.values, at)[:, 0]
 
     def attention_mask(self) -> torch.Tensor:
         """The boolean [N, N] mask in generation order: query step i may see key step j."""
@@ -921,4 +976,5 @@ class DecodingState:
     values: torch.Tensor | None = None  # [n, N, *value_shape] the values so far (above_signal)
     block_signal: torch.Tensor | None = None  # [n, 1, d] added before blocks 2.. (every_block)
     next_step: int = 0
-    remainder_base: torch.Tensor | None = None  # [n, N, *value_shape] (low_res_remainder)
+    # [n, N, *value_shape]: s^2 times each step's low-resolution value (low_res_remainder, _bounds)
+    remainder_base: torch.Tensor | None = None

@@ -326,6 +326,11 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = ImageTransformer(run.config).to(self.device)
         self.model.distribution.check_label_smoothing(self.cfg.label_smoothing)
+        if self.cfg.label_smoothing and run.config.low_res_bounds:
+            raise UserError(
+                "label_smoothing spreads probability over every value, and low_res_bounds "
+                "gives the values out of a block's reach none: train with one of them"
+            )
         # Polyak averaging: evaluation, samples and model.safetensors use the averaged weights
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=ema_update(self.cfg.ema_decay))

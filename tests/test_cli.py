@@ -217,8 +217,23 @@ def _assert_user_error(code: int, capsys, *needles: str) -> str:
             ["label_smoothing", "dmol"],
         ),
         (["--preset", "tiny", "--task", "superres", "--scale", "3"], ["scale", "8x8"]),
+        (
+            ["--preset", "tiny", "--image-size", "8", "--task", "superres", "--scale", "2"]
+            + ["--set", "low_res_bounds=true", "--set", "label_smoothing=0.1"],
+            ["label_smoothing", "low_res_bounds"],
+        ),
     ],
-    ids=["preset", "data", "query_shape", "data_shape", "set_key", "set_value", "dmol", "sr"],
+    ids=[
+        "preset",
+        "data",
+        "query_shape",
+        "data_shape",
+        "set_key",
+        "set_value",
+        "dmol",
+        "sr",
+        "bounds",
+    ],
 )
 def test_train_errors(argv, needles, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)

@@ -73,6 +73,18 @@ CASES["cat grey super-resolution low_res_remainder"] = (
     "local_1d",
     dict(output="cat", **{**SUPERRES, "image_shape": (1, 4, 6), "low_res_remainder": True}),
 )
+CASES["cat super-resolution low_res_bounds"] = (
+    "local_1d",
+    dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_bounds": True}),
+)
+CASES["cat grey super-resolution low_res_bounds low_res_remainder"] = (
+    "local_2d",
+    dict(
+        output="cat",
+        **{**SUPERRES, "image_shape": (1, 4, 6), "low_res_bounds": True},
+        low_res_remainder=True,
+    ),
+)
 CASES["dmol super-resolution low_res_remainder"] = (
     "local_1d",
     dict(output="dmol", **{**SUPERRES, "low_res_remainder": True}),

@@ -354,3 +354,78 @@ def test_with_the_remainder_decoding_stays_causal_and_samplers_agree(kind, outpu
 def test_the_remainder_needs_a_superres_model():
     with pytest.raises(UserError, match="low_res_remainder needs a super-resolution model"):
         tiny_config(low_res_remainder=True)
+
+
+def _allowed_by_hand(low_res_value: int, earlier_sum: int, to_come: int, area: int) -> set[int]:
+    """The values v for which some rest of the block (to_come - 1 values in 0..255) gives a
+    sum whose rounded mean, as area_downsample rounds it, is the low-resolution value."""
+    sums = torch.arange(0, 255 * area + 1, dtype=torch.float64)
+    hits = (sums / area).round() == low_res_value
+    allowed = set()
+    for v in range(256):
+        first = earlier_sum + v
+        if bool(hits[first : first + 255 * (to_come - 1) + 1].any()):
+            allowed.add(v)
+    return allowed
+
+
+@pytest.mark.parametrize(
+    "kind,image_shape,scale", [("local_1d", (3, 4, 8), 2), ("local_2d", (1, 6, 6), 3)]
+)
+def test_the_bounds_keep_exactly_the_values_the_block_can_still_average_with(
+    kind, image_shape, scale
+):
+    """With low_res_bounds a step's finite logits are the values from which the rest of its
+    block can still round to the low-resolution value (by brute force over the sums; s^2 = 4
+    has halfway sums, which round to even, s^2 = 9 has none); the truth is always one."""
+    model = _with_signals(kind, image_shape=image_shape, scale=scale, low_res_bounds=True)
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (3, *image_shape), generator=g, dtype=torch.uint8)
+    images[0] = (images[0] // 64) * 64  # block sums at and near the halfway points
+    images[1, :, : scale * 2] = 0  # blocks of black, whose value must stay small
+    low_res = area_downsample(images, scale)
+    with torch.no_grad():
+        logits = model.logits_in_generation_order(images, low_res=low_res)
+    seq = model.to_steps(images).long()
+    assert bool(logits.gather(-1, seq[..., None]).isfinite().all())
+    c, _, w = image_shape
+    area = scale * scale
+    for b in range(len(images)):
+        for step in range(0, model.config.num_positions, 5):
+            raster = int(model.generation_order[step])
+            pixel, channel = raster // c, raster % c
+            y, x = pixel // w, pixel % w
+            earlier = [int(j) for j in model._earlier[step] if j >= 0]
+            allowed = _allowed_by_hand(
+                int(low_res[b, channel, y // scale, x // scale]),
+                sum(int(seq[b, j]) for j in earlier),
+                area - len(earlier),
+                area,
+            )
+            finite = set(torch.nonzero(logits[b, step].isfinite())[:, 0].tolist())
+            assert finite == allowed, (b, step)
+
+
+def test_with_the_bounds_every_sample_downsamples_to_its_input():
+    """An untrained model with the bounds samples, at any temperature and by either sampler,
+    images whose area means are the input exactly; the bounds only take probability from
+    values the truth never has, so the truth costs no more than without them."""
+    model = _with_signals(low_res_upsample=True, low_res_bounds=True).eval()
+    images, low_res = images_and_low_res(model.config, seed=6)
+    for temperature in (1.0, 0.8):
+        drawn = model.upscale(low_res, temperature=temperature)
+        assert torch.equal(area_downsample(drawn, model.config.scale), low_res)
+    drawn = _samplers_agree(model, low_res)
+    assert torch.equal(area_downsample(drawn, model.config.scale), low_res)
+    model.config.low_res_bounds = False
+    unbounded = model.bits_per_dim(images, low_res=low_res)
+    model.config.low_res_bounds = True
+    bounded = model.bits_per_dim(images, low_res=low_res)
+    assert bool((bounded < unbounded).all())
+
+
+def test_the_bounds_need_a_categorical_superres_model():
+    with pytest.raises(UserError, match="low_res_bounds needs a super-resolution model"):
+        tiny_config(low_res_bounds=True)
+    with pytest.raises(UserError, match="low_res_bounds needs the categorical output"):
+        sr_config(low_res_bounds=True, output="dmol", num_mixtures=2)

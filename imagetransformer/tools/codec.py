@@ -257,7 +257,7 @@ def _code_groups(
     state = model.start(n, labels, low_res)
     for step in range(steps):
         head = model.step(state, step, values[:, step - 1] if step else None)
-        coding = model.coding(head)
+        coding = model.coding(head, state)
         value = values[:, step].view(n, -1)
         for channel in range(coding.channels):
             known = value[:, channel] if coders.encode else None

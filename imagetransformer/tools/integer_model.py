@@ -60,9 +60,11 @@ from ..model import (
     block_totals,
     covering_pixel,
     neighbour_steps,
+    outside_bounds,
     place_in_block,
     remainder_channels,
     remainder_tokens,
+    value_bounds,
 )
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
@@ -478,8 +480,14 @@ class CategoricalCoding:
 
     channels = 1
 
-    def __init__(self, model: IntegerModel, head: torch.Tensor) -> None:
+    def __init__(
+        self, model: IntegerModel, head: torch.Tensor, outside: torch.Tensor | None = None
+    ) -> None:
+        if outside is not None:  # low_res_bounds: values out of reach get no weight
+            head = head.masked_fill(outside, head.min() - ((OUT_BITS + 1) << OUT_FRAC))
         weights = softmax_weights(head, model.exp2_output)
+        if outside is not None:
+            weights = weights.masked_fill(outside, 0)
         self.freqs = frequencies(weights, OUT_BITS + 9)
 
     def code(self, channel: int, code: Code, known: torch.Tensor | None):
@@ -604,7 +612,9 @@ class DecodingState:
     values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
     block_signal: torch.Tensor | None = None  # [n, d]: added before every later block
     next_step: int = 0
-    remainder_base: torch.Tensor | None = None  # [n, N, *value_shape] (low_res_remainder)
+    # [n, N, *value_shape]: s^2 times each step's low-resolution value (low_res_remainder, _bounds)
+    remainder_base: torch.Tensor | None = None
+    outside: torch.Tensor | None = None  # [n, 256]: the values the step may not take (_bounds)
 
 
 def table_of(
@@ -741,11 +751,15 @@ class IntegerModel:
         if self.low_res_table is not None or self.low_res_upsample is not None:
             self.covering = covering_pixel(config)[order].to(device)
         self.remainder_table = None
-        if "low_res_remainder" in store.tensors:  # the block's remainder, as the float model
-            self.remainder_table = store.values("low_res_remainder", device)
+        self.reads_blocks = config.task == "superres" and (
+            config.low_res_remainder or config.low_res_bounds
+        )
+        if self.reads_blocks:  # the block's earlier values, as the float model reads them
             earlier, to_come = block_remainder_layout(config, order)
             self.earlier = [row[row >= 0].to(device) for row in earlier]
             self.to_come = to_come.to(device)
+        if "low_res_remainder" in store.tensors:  # the block's remainder, as the float model
+            self.remainder_table = store.values("low_res_remainder", device)
             self.remainder_channel = remainder_channels(config, order).to(device)
         self.exp2_output = store.get("exp2_output", device)
         if config.output == "dmol":
@@ -867,7 +881,7 @@ class IntegerModel:
                 signal = self.upsample(low_res)
                 conditioning = signal if conditioning is None else conditioning + signal
         values = base = None
-        if self.remainder_table is not None and low_res is not None:
+        if self.reads_blocks and low_res is not None:
             base = block_totals(self.distribution, low_res, c.scale, self.generation_order)
         if self.above_embed is not None or self.near_embeds or base is not None:  # read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
@@ -916,7 +930,7 @@ class IntegerModel:
         if state.conditioning is not None:
             cond = state.conditioning
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
-        if state.remainder_base is not None:
+        if self.remainder_table is not None and state.remainder_base is not None:
             x = x + self.remainder(state, step)
         x = x.clamp(-self.max, self.max)
         window = self.windows[step]
@@ -929,14 +943,25 @@ class IntegerModel:
         if self.final_norm is not None:
             x = self.final_norm(x)
         state.next_step = step + 1
+        state.outside = self.outside(state, step)
         return self.head(x)
 
-    def coding(self, head: torch.Tensor):
+    def outside(self, state: DecodingState, step: int) -> torch.Tensor | None:
+        """[n, 256]: with `low_res_bounds`, the values step `step` may not take (the float
+        model's `value_bounds`, by the same integer arithmetic); None without."""
+        if not self.config.low_res_bounds or state.remainder_base is None:
+            return None
+        earlier_sum = state.values[:, self.earlier[step]].sum(1)
+        to_come = self.to_come[step]
+        total = state.remainder_base[:, step]
+        return outside_bounds(*value_bounds(total, earlier_sum, to_come, self.config.scale))
+
+    def coding(self, head: torch.Tensor, state: DecodingState):
         """The integer frequencies of the step whose head outputs (float64 integers) are
-        `head`."""
+        `head`, the step that `state` has just taken."""
         head = head.long()
         if self.config.output == "cat":
-            return CategoricalCoding(self, head)
+            return CategoricalCoding(self, head, state.outside)
         return MixtureCoding(self, head)
 
     def coded_tables(
@@ -960,7 +985,7 @@ class IntegerModel:
 
         for step in range(self.config.num_positions):
             head = self.step(state, step, values[:, step - 1] if step else None)
-            coding = self.coding(head)
+            coding = self.coding(head, state)
             value = values[:, step].view(n, -1)
             for channel in range(coding.channels):
                 coding.code(channel, record, value[:, channel])
