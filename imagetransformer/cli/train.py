@@ -35,8 +35,8 @@ def add_parser(subparsers) -> None:
         "--crops",
         type=int,
         help="a folder of photos larger than the model: cut this many random squares at random "
-        "scales from every image (whole images held out for validation) instead of one "
-        "resized copy each",
+        "scales from every image instead of one resized copy each; validation holds out "
+        "whole photos, or a strip of every photo when there are too few to spare",
     )
     common.add_data_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
