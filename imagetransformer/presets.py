@@ -190,11 +190,12 @@ PRESETS: dict[str, Preset] = {
             num_heads=1,
             low_res_signal=True,
             low_res_upsample=True,
+            low_res_bounds=True,
         ),
         dict(_MNIST_TRAIN, max_steps=2900),
         "CPU: super-resolution 7x7 -> 28x28 on mnist5k (encoder 2 layers, decoder as mnist_1d "
         "with one head, the covering low-resolution pixel and a learned upsampling in the "
-        "decoder input)",
+        "decoder input, values bounded so that samples shrink to the input exactly)",
     ),
     "cifar10_1d_dmol": Preset(
         dict(
