@@ -266,7 +266,7 @@ def test_train_config_checks() -> None:
     with pytest.raises(UserError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(UserError, match="lr_schedule"):
-        TrainConfig(lr_schedule="linear")
+        TrainConfig(lr_schedule="exponential")
     with pytest.raises(UserError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.0)
     with pytest.raises(UserError, match="weight_decay"):
