@@ -92,6 +92,10 @@ class ImageTransformerConfig:
     # add embeddings of the values above-left and above-right (one row up, one pixel to either
     # side) and two rows up and two pixels left, each where the order generates it earlier
     near_signal: bool = False
+    # dmol: each component's channel means as offsets from the decoded pixel to the left (above
+    # it in the first column; none for the first pixel), as a lossless predictor codes the
+    # residual: smooth regions need no exact value carried through the network
+    mixture_anchor: bool = False
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(v) for v in self.image_shape)  # type: ignore[assignment]
@@ -146,6 +150,10 @@ class ImageTransformerConfig:
             raise UserError("class_dropout needs a class-conditional model (--set num_classes=K)")
         if self.num_mixtures < 1:
             raise UserError(f"num_mixtures must be at least 1, got {self.num_mixtures}")
+        if self.mixture_anchor and self.output != "dmol":
+            raise UserError(
+                "mixture_anchor places the mixture of logistics' means: it needs --set output=dmol"
+            )
         if self.task == "superres":
             self._validate_superres()
         else:

@@ -147,6 +147,14 @@ def above_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Te
     return above
 
 
+def anchor_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
+    """[N]: for each generation step, the step of the pixel its mixture's means are offsets
+    from (`mixture_anchor`): the pixel to the left, or the one above in the first column; -1
+    for the first pixel. Both come earlier in every attention type's order."""
+    left = neighbour_steps(config, order, (0, -1))
+    return torch.where(left >= 0, left, neighbour_steps(config, order, (-1, 0)))
+
+
 def neighbour_steps(
     config: ImageTransformerConfig, order: torch.Tensor, offset: tuple[int, int]
 ) -> torch.Tensor:
@@ -361,6 +369,8 @@ class ImageTransformer(nn.Module):
             self.near_embeds = nn.ModuleList(embeds)
             near = [neighbour_steps(config, order, offset) for offset in NEAR_OFFSETS]
             self.register_buffer("_near", torch.stack(near), persistent=False)  # [K, N]
+        if config.mixture_anchor:
+            self.register_buffer("_anchor", anchor_steps(config, order), persistent=False)
         self.low_res_embed = None
         if superres and config.low_res_signal:
             self.low_res_embed = nn.Embedding(256 * config.image_shape[0], d)
@@ -629,6 +639,19 @@ class ImageTransformer(nn.Module):
         low, high = value_bounds(base, earlier_sum, self._to_come[steps], self.config.scale)
         return logits.masked_fill(outside_bounds(low, high), float("-inf"))
 
+    def anchored(self, params: torch.Tensor, values: torch.Tensor, steps: torch.Tensor):
+        """With `mixture_anchor`: the head outputs [B, S, P] of S steps with the decoded anchor
+        pixel (`anchor_steps`, on the [-1, 1] scale) added to every component's channel means,
+        read from `values` [B, N', C] generated so far. Without it, `params` as they are."""
+        if not self.config.mixture_anchor:
+            return params
+        anchor = self._anchor[steps]
+        pixel = values[:, anchor.clamp(min=0)].to(params.dtype) * (2 / 255) - 1  # [B, S, C]
+        pixel = pixel * (anchor >= 0).view(1, -1, 1)
+        k, c = self.config.num_mixtures, self.config.image_shape[0]
+        locs = params[..., k : k + k * c].unflatten(-1, (k, c)) + pixel[:, :, None, :]
+        return torch.cat([params[..., :k], locs.flatten(-2), params[..., k + k * c :]], -1)
+
     def above_signal(self, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """[B, S, d]: the embedding of the values directly above S positions (`values` [B, S,
         *value_shape], generated at `steps` [S]; step -1, the first row, adds nothing)."""
@@ -691,7 +714,8 @@ class ImageTransformer(nn.Module):
             if i and again is not None:
                 x = x + again
             x = block(x, self.pattern, memory)
-        return self.bounded(self.head(self.final_norm(x)), base, seq, steps)
+        out = self.bounded(self.head(self.final_norm(x)), base, seq, steps)
+        return self.anchored(out, seq, steps)
 
     def forward(
         self,
@@ -821,7 +845,8 @@ class ImageTransformer(nn.Module):
             memory_kvs = [None] * len(self.blocks)
         values = None
         reads_back = (self.above_embed, self.near_embeds, self.low_res_remainder)
-        if any(part is not None for part in reads_back) or self.reads_blocks:  # read again
+        again = self.reads_blocks or self.config.mixture_anchor
+        if any(part is not None for part in reads_back) or again:  # earlier values read again
             value_shape = self.distribution.value_shape
             values = torch.zeros(
                 (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
@@ -878,7 +903,8 @@ class ImageTransformer(nn.Module):
                 h = h + state.block_signal
             h = block.step(h, step, self.pattern, cache, memory_kv)
         state.next_step = step + 1
-        return self.bounded(self.head(self.final_norm(h)), base, state.values, at)[:, 0]
+        out = self.bounded(self.head(self.final_norm(h)), base, state.values, at)
+        return self.anchored(out, state.values, at)[:, 0]
 
     def attention_mask(self) -> torch.Tensor:
         """The boolean [N, N] mask in generation order: query step i may see key step j."""

@@ -217,11 +217,12 @@ def _settings() -> list[tuple[str, str, int]]:
 
 
 # the runs checked under other kernels: the tiny preset under every setting; with above_signal
-# (both outputs) under the default kernels, one image at a time
+# (both outputs) and with the anchored mixture under the default kernels, one image at a time
 KERNEL_RUNS = {
     "tiny": (),
     "above_signal cat": ("above_signal=true",),
     "above_signal dmol": ("above_signal=true", "output=dmol"),
+    "mixture_anchor dmol": ("mixture_anchor=true", "output=dmol"),
 }
 
 

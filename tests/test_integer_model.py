@@ -50,6 +50,7 @@ CASES = {
     "dmol super-resolution": ("local_2d", dict(output="dmol", **SUPERRES)),
     "cat above_signal local_2d": ("local_2d", dict(output="cat", above_signal=True)),
     "dmol above_signal local_1d": ("local_1d", dict(output="dmol", above_signal=True)),
+    "dmol mixture_anchor local_2d": ("local_2d", dict(output="dmol", mixture_anchor=True)),
 }
 
 

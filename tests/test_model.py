@@ -53,6 +53,49 @@ def test_causality(kind, backend, signal):
             assert not torch.allclose(changed[:, step + 1], base[:, step + 1], atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_causality_of_the_anchored_mixture(kind):
+    """mixture_anchor reads the decoded pixel to the left (above in the first column): a
+    pixel's parameters still depend on earlier pixels only, and on its anchor."""
+    config = tiny_config(kind, output="dmol", mixture_anchor=True)
+    model = ImageTransformer(config).eval()
+    images = random_images(config)
+    base = model.logits_in_generation_order(images)
+    n = config.num_positions
+    w = config.image_shape[2]
+    for step in [0, 1, 5, n // 2, n - 2, n - 1]:
+        pixel = int(model.generation_order[step])  # one position per pixel
+        changed = images.clone()
+        changed[:, :, pixel // w, pixel % w] += 97  # every channel, wrapping round 256
+        after = model.logits_in_generation_order(changed)
+        assert torch.allclose(after[:, : step + 1], base[:, : step + 1], atol=1e-6, rtol=0)
+        if step < n - 1:
+            assert not torch.allclose(after[:, step + 1 :], base[:, step + 1 :], atol=1e-4)
+
+
+def test_the_anchor_moves_every_mean_by_the_pixel_to_the_left():
+    """Head outputs of a model with the anchor minus the same weights without it: the left
+    pixel's value on the [-1, 1] scale in every component's means (the one above in the first
+    column, nothing for the first pixel), and nothing in the other parameters."""
+    config = tiny_config("local_1d", output="dmol", num_mixtures=2, mixture_anchor=True)
+    model = ImageTransformer(config).eval()
+    plain = ImageTransformer(tiny_config("local_1d", output="dmol", num_mixtures=2)).eval()
+    plain.load_state_dict(model.state_dict())
+    images = random_images(config)
+    moved = model.logits_in_generation_order(images) - plain.logits_in_generation_order(images)
+    unit = images.float() * (2 / 255) - 1  # [B, C, H, W]
+    expected = torch.zeros_like(unit)
+    expected[..., 1:] = unit[..., :-1]  # the pixel to the left
+    expected[..., 1:, 0] = unit[..., :-1, 0]  # the first column: the one above
+    locs = moved[..., 2:8].unflatten(-1, (2, 3))  # [B, N, K, C], raster order for local_1d
+    want = expected.flatten(2).transpose(1, 2)[:, :, None, :].expand_as(locs)
+    assert torch.allclose(locs, want, atol=1e-6)
+    assert torch.equal(moved[..., :2], torch.zeros_like(moved[..., :2]))
+    assert torch.equal(moved[..., 8:], torch.zeros_like(moved[..., 8:]))
+    with pytest.raises(UserError, match="output=dmol"):
+        tiny_config(mixture_anchor=True)
+
+
 @pytest.mark.parametrize(
     "kind,shape,extra",
     [
@@ -242,8 +285,10 @@ def test_classify_is_bayes_rule():
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoding_step_scores_a_known_image_as_the_full_forward(kind, output, signal):
     """Feeding an image's own values step by step gives the full forward's distribution at
-    every step: what a lossless codec needs (encoder and decoder see the same numbers)."""
-    config = tiny_config(kind, output=output, num_classes=3, **_signal(signal))
+    every step: what a lossless codec needs (encoder and decoder see the same numbers). The
+    mixture's runs anchor their means on the pixel to the left (mixture_anchor)."""
+    anchor = dict(mixture_anchor=True) if output == "dmol" and signal is None else {}
+    config = tiny_config(kind, output=output, num_classes=3, **_signal(signal), **anchor)
     model = ImageTransformer(config).eval()
     images, labels = random_images(config, batch=2, seed=4), torch.tensor([2, 0])
     full = model.logits_in_generation_order(images, labels)

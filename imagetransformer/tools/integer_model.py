@@ -59,6 +59,7 @@ from ..layout import area_downsample, images_to_raster, raster_channel
 from ..model import (
     NEAR_OFFSETS,
     above_steps,
+    anchor_steps,
     block_remainder_layout,
     block_totals,
     covering_pixel,
@@ -778,6 +779,9 @@ class IntegerModel:
             self.range_bounds = (16 * self.value_bounds)[None]
             self.edges = store.get("edges", device)
             self.unit_values = store.get("unit_values", device)
+        self.anchor = None
+        if config.mixture_anchor:  # the pixel each step's means are offsets from
+            self.anchor = anchor_steps(config, self.pattern.generation_order).tolist()
         self._fingerprint: bytes | None = None
 
     # identity and files
@@ -889,7 +893,8 @@ class IntegerModel:
         values = base = None
         if self.reads_blocks and low_res is not None:
             base = block_totals(self.distribution, low_res, c.scale, self.generation_order)
-        if self.above_embed is not None or self.near_embeds or base is not None:  # read again
+        again = self.above_embed is not None or self.near_embeds or self.anchor is not None
+        if again or base is not None:  # earlier values are read again
             shape = (n, c.num_positions, *self.distribution.value_shape)
             values = torch.zeros(shape, dtype=torch.long, device=self.device)
         return DecodingState(
@@ -950,7 +955,18 @@ class IntegerModel:
             x = self.final_norm(x)
         state.next_step = step + 1
         state.outside = self.outside(state, step)
-        return self.head(x)
+        return self.anchored(self.head(x), state, step)
+
+    def anchored(self, head: torch.Tensor, state: DecodingState, step: int) -> torch.Tensor:
+        """With `mixture_anchor`: the head outputs [n, P] with the decoded anchor pixel's
+        values (2^-16 units of the [-1, 1] scale, the float model's `anchored` in integers)
+        added to every component's channel means."""
+        if self.anchor is None or self.anchor[step] < 0:
+            return head
+        k, c = self.num_mixtures, self.channels
+        pixel = self.unit_values[state.values[:, self.anchor[step]]].to(head.dtype)  # [n, C]
+        locs = head[:, k : k + k * c].view(-1, k, c) + pixel[:, None]
+        return torch.cat([head[:, :k], locs.flatten(1), head[:, k + k * c :]], 1)
 
     def outside(self, state: DecodingState, step: int) -> torch.Tensor | None:
         """[n, 256]: with `low_res_bounds`, the values step `step` may not take (the float
