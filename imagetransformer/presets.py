@@ -257,6 +257,7 @@ PRESETS: dict[str, Preset] = {
             memory_length=64,
             norm_first=True,
             above_signal=True,
+            mixture_anchor=True,
         ),
         dict(
             batch_size=8,
@@ -271,8 +272,8 @@ PRESETS: dict[str, Preset] = {
             weight_decay=0.5,
         ),
         "CPU: 3x32x32 colour photos (default data cifar10, or a folder), mixture of logistics "
-        "per pixel, local 1D over 2-row blocks with 2 rows of memory, the value above in the "
-        "input, 4 layers d=64 with one head, weight decay 0.5, "
+        "per pixel anchored on the pixel to the left, local 1D over 2-row blocks with 2 rows of "
+        "memory, the value above in the input, 4 layers d=64 with one head, weight decay 0.5, "
         "~10 min on 2 cores; with fewer than 3,000 training images also the four nearby "
         "values (near_signal)",
         data=PresetData("cifar10"),
