@@ -220,3 +220,38 @@ def test_each_step_reads_a_window_that_holds_exactly_its_keys(kind):
         expected = {j for j in range(max(0, step + 1 - span), step + 1) if allowed[step, j % span]}
         assert admitted == expected and window.length <= span
         assert window.start == steps[0] % span and window.start + window.length <= 2 * span
+
+
+@pytest.mark.parametrize("case", ["dmol pre-norm local_1d", "cat super-resolution low_res_bounds"])
+def test_float64_and_int16_caches_code_the_same_tables(case):
+    """The caches' dtype is a speed choice: int16 caches (widened each step) and float64 caches
+    give every symbol the same integer frequencies."""
+    kind, options = CASES[case]
+    model = ImageTransformer(tiny_config(kind, **options)).eval()
+    c, _, w = model.config.image_shape
+    images = _images()[:, :c, :, :w].contiguous()
+    integer = quantize(model, images)
+    tables = {}
+    for dtype in (torch.int16, torch.float64):
+        integer.cache_dtype = dtype
+        tables[dtype] = list(integer.coded_tables(images))
+        assert (
+            integer.start(2, low_res=integer.low_res_of(images[:2], None)).caches[0].dtype == dtype
+        )
+    assert len(tables[torch.int16]) == len(tables[torch.float64]) > 0
+    for (s16, f16), (s64, f64) in zip(tables[torch.int16], tables[torch.float64], strict=True):
+        assert torch.equal(s16, s64) and torch.equal(f16, f64)
+
+
+def test_caches_are_float64_only_where_their_windows_fit_the_cpu_cache(monkeypatch):
+    from imagetransformer.tools.integer_model import cache_dtype, last_level_cache_bytes
+
+    monkeypatch.setattr(integer_model, "last_level_cache_bytes", lambda: 32 << 20)
+    cpu = torch.device("cpu")
+    assert cache_dtype(8 << 20, cpu) == torch.float64
+    assert cache_dtype(29 << 20, cpu) == torch.int16
+    assert cache_dtype(1 << 10, torch.device("meta")) == torch.int16  # not a CPU: int16
+    monkeypatch.setattr(integer_model, "last_level_cache_bytes", lambda: 0)  # unknown: int16
+    assert cache_dtype(1 << 10, cpu) == torch.int16
+    last_level_cache_bytes.cache_clear()
+    assert last_level_cache_bytes() >= 0  # what this machine reports (0: nothing readable)

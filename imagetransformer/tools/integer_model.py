@@ -24,10 +24,13 @@ data compression with latent-variable models", ICLR 2019):
   exactly (f_x + 1) / 2^24 (see `free_units`).
 
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
-linear layer, where int64 arithmetic took ten operations. The decoding caches hold the keys and
-values (16 bits) as int16: every step reads the whole window of them, and a quarter of the
-bytes makes that read, widened to float64 for the products, about twice as fast as reading
-float64 caches.
+linear layer, where int64 arithmetic took ten operations. Every decoding step reads the whole
+window of cached keys and values (16-bit integers) for its products. Where those windows, as
+float64, fit well within the CPU's last-level cache, the caches are float64 and the products
+read them in place; where they do not, they are int16, a quarter of the bytes, widened to float64
+each step (`cache_dtype`). Either gives the same results; only the speed differs (int16 was
+about twice as fast on an AMD EPYC with 32 MiB of L3, float64 1.2x as fast on an Intel Xeon with
+480 MiB).
 
 The weights, tables and rescaling constants are kept as named int64 and float64 tensors
 (`Store`): the same object is made by `quantize` and read back by `IntegerModel.load`, and its
@@ -36,6 +39,7 @@ SHA-256 (`fingerprint`) names it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -77,7 +81,6 @@ FORMAT = "imagetransformer integer model 2"
 EXACT = 2**53  # float64 holds every integer of smaller magnitude exactly
 WEIGHT_MAX = 2**15 - 1  # weights: at most 16 bits, per output channel
 ACT_MAX = 2**15 - 1  # queries, keys, values, attention outputs, hidden units: 16 bits
-CACHE_DTYPE = torch.int16  # holds every key and value (|x| <= ACT_MAX) exactly
 MARGIN = 2.0  # headroom over the largest activation seen in calibration
 CALIBRATION_IMAGES = 64
 
@@ -113,6 +116,32 @@ def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
     """2^(bits - t / 2^frac) for int64 t >= 0, from `table` (2^frac entries: the fractional
     part) and a shift (the integer part)."""
     return table[t & ((1 << frac) - 1)] >> (t >> frac)
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of CPU 0's largest cache level as Linux reports it (sysfs), 0 where unknown."""
+    best_level, size = 0, 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if level > best_level and text[:-1].isdigit() and text[-1] in units:
+            best_level, size = level, int(text[:-1]) * units[text[-1]]
+    return size
+
+
+def cache_dtype(window_bytes: int, device: torch.device) -> torch.dtype:
+    """The dtype of the decoding caches (keys and values: 16-bit integers, exact in either):
+    float64 where `window_bytes`, what one step reads of all of them as float64, fits in a
+    quarter of the CPU's last-level cache; int16 elsewhere (and on other devices). A speed
+    choice only: the results are the same."""
+    if device.type == "cpu" and 4 * window_bytes <= last_level_cache_bytes():
+        return torch.float64
+    return torch.int16
 
 
 def free_units(symbols: int) -> int:
@@ -373,16 +402,16 @@ class Attention:
 
     def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, window: KeyWindow):
         """x [b, d] at generation step `step`: its key and value go into the doubled ring
-        buffer `cache` [2, b, h, 2 span, dh] (int16: keys and values are 16-bit integers; at
-        slot and slot + span), and its query reads the window of the newest keys that holds
-        every key the step may read, widened to float64."""
+        buffer `cache` [2, b, h, 2 span, dh] (at slot and slot + span; float64 or int16, see
+        `cache_dtype`), and its query reads the window of the newest keys that holds every key
+        the step may read, widened to float64."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
         span = cache.shape[3] // 2
         kv = qkv[:, 1:].transpose(0, 1)
         cache[:, :, :, step % span] = kv
         cache[:, :, :, step % span + span] = kv
         held = cache[:, :, :, window.start : window.start + window.length].unbind(0)
-        keys, values = (part.to(torch.float64) for part in held)
+        keys, values = (part.double() for part in held)  # int16: widened; float64: as is
         o = self.attend(qkv[:, 0, :, None], keys, values, window.mask)
         return self.out(o.reshape(x.shape[0], -1))
 
@@ -722,6 +751,7 @@ class IntegerModel:
         self.generation_order = self.pattern.generation_order.to(device)
         self.inverse_order = torch.argsort(self.pattern.generation_order).to(device)
         self.windows = KeyWindow.all(self.pattern, device)
+        self.cache_dtype: torch.dtype | None = None  # the caches' dtype; None: `cache_dtype`
         self.max = store.ints["res_max"]
         self.channels = config.image_shape[0]
         self.num_mixtures = config.num_mixtures
@@ -867,7 +897,9 @@ class IntegerModel:
         c = self.config
         span, head_dim = self.pattern.cache_span, c.d_model // c.num_heads
         shape = (2, n, c.num_heads, 2 * span, head_dim)  # keys and values, each slot twice
-        caches = [torch.zeros(shape, dtype=CACHE_DTYPE, device=self.device) for _ in self.blocks]
+        window_bytes = len(self.blocks) * math.prod(shape) // 2 * 8
+        dtype = self.cache_dtype or cache_dtype(window_bytes, self.device)
+        caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.blocks]
         if (labels is None) != (self.class_table is None):
             raise UserError("labels go with class-conditional models, and only with them")
         if (low_res is None) != (self.encoder is None):
