@@ -117,6 +117,12 @@ class ImageTransformerConfig:
         return c, h // self.scale, w // self.scale
 
     @property
+    def reads_block_values(self) -> bool:
+        """Whether each step reads the values of its low-resolution block generated before it
+        (super-resolution with `low_res_remainder` or `low_res_bounds`)."""
+        return self.task == "superres" and (self.low_res_remainder or self.low_res_bounds)
+
+    @property
     def num_positions(self) -> int:
         rows, cols = self.grid_shape
         return rows * cols

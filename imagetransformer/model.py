@@ -147,6 +147,13 @@ def above_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Te
     return above
 
 
+def fan_avg_limit(weight: torch.Tensor) -> float:
+    """The bound of tensor2tensor's uniform init of a [fan_out, fan_in] weight: variance
+    scaling, fan_avg, scale 0.2."""
+    fan_out, fan_in = weight.shape
+    return math.sqrt(3 * 0.2 / ((fan_in + fan_out) / 2))
+
+
 def anchor_steps(config: ImageTransformerConfig, order: torch.Tensor) -> torch.Tensor:
     """[N]: for each generation step, the step of the pixel its mixture's means are offsets
     from (`mixture_anchor`): the pixel to the left, or the one above in the first column; -1
@@ -377,8 +384,7 @@ class ImageTransformer(nn.Module):
         if superres and (config.low_res_signal or config.low_res_upsample):
             self.register_buffer("_covering", covering_pixel(config)[order], persistent=False)
         self.low_res_remainder = None
-        self.reads_blocks = superres and (config.low_res_remainder or config.low_res_bounds)
-        if self.reads_blocks:  # the block's earlier values and how many are still to come
+        if config.reads_block_values:  # the block's earlier values and how many are still to come
             earlier, to_come = block_remainder_layout(config, order)
             self.register_buffer("_earlier", earlier, persistent=False)
             self.register_buffer("_to_come", to_come, persistent=False)
@@ -417,8 +423,7 @@ class ImageTransformer(nn.Module):
             if module is self.class_embed:
                 continue  # drawn last (or zeroed, without a draw), so no other weight moves
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                fan_out, fan_in = module.weight.shape
-                limit = math.sqrt(3 * 0.2 / ((fan_in + fan_out) / 2))
+                limit = fan_avg_limit(module.weight)
                 nn.init.uniform_(module.weight, -limit, limit)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -428,8 +433,7 @@ class ImageTransformer(nn.Module):
         if self.class_embed is not None:  # class_init times the init above; 0: no draw
             nn.init.zeros_(self.class_embed.weight)
             if self.config.class_init:
-                fan_out, fan_in = self.class_embed.weight.shape
-                limit = self.config.class_init * math.sqrt(3 * 0.2 / ((fan_in + fan_out) / 2))
+                limit = self.config.class_init * fan_avg_limit(self.class_embed.weight)
                 nn.init.uniform_(self.class_embed.weight, -limit, limit)
         if self.low_res_embed is not None:  # starts as the paper's model, as the class signal
             nn.init.zeros_(self.low_res_embed.weight)
@@ -585,7 +589,7 @@ class ImageTransformer(nn.Module):
         """[B, N, *value_shape]: s^2 times the low-resolution value covering each step's value
         (its own channel), in generation order; None without `low_res_remainder` and
         `low_res_bounds`."""
-        if not self.reads_blocks or low_res is None:
+        if not self.config.reads_block_values or low_res is None:
             return None
         return block_totals(self.distribution, low_res, self.config.scale, self.generation_order)
 
@@ -844,9 +848,9 @@ class ImageTransformer(nn.Module):
         else:
             memory_kvs = [None] * len(self.blocks)
         values = None
-        reads_back = (self.above_embed, self.near_embeds, self.low_res_remainder)
-        again = self.reads_blocks or self.config.mixture_anchor
-        if any(part is not None for part in reads_back) or again:  # earlier values read again
+        config = self.config
+        signals = self.above_embed is not None or self.near_embeds is not None
+        if signals or config.reads_block_values or config.mixture_anchor:  # values read again
             value_shape = self.distribution.value_shape
             values = torch.zeros(
                 (n, self.config.num_positions, *value_shape), dtype=torch.long, device=like.device
@@ -888,8 +892,10 @@ class ImageTransformer(nn.Module):
             x = x + self.above_signal(state.values[:, above.clamp(min=0)], above)
         if self.near_embeds is not None:
             x = x + self.near_signal(state.values, self._near[:, step : step + 1])
-        at = torch.tensor([step], device=x.device)
         base = None if state.remainder_base is None else state.remainder_base[:, step : step + 1]
+        at = None  # the step as a tensor, made only where a later signal reads earlier values
+        if base is not None or self.config.mixture_anchor:
+            at = torch.tensor([step], device=x.device)
         if self.low_res_remainder is not None and base is not None:
             x = x + self.remainder_signal(base, state.values, at)
         conditioning = state.conditioning

@@ -116,6 +116,14 @@ def test_a_model_with_bounds_codes_only_values_its_blocks_can_take():
     images = torch.randint(0, 256, (4, 3, 4, 6), generator=torch.Generator().manual_seed(3))
     images = images.to(torch.uint8)
     bounded = quantize(model, images)
+    state = bounded.start(4, low_res=bounded.low_res_of(images, None))
+    values = bounded.to_steps(images)
+    for step in range(bounded.config.num_positions):  # out of reach: frequency exactly 0
+        head = bounded.step(state, step, values[:, step - 1] if step else None)
+        if state.outside is not None and bool(state.outside.any()):
+            freqs = bounded.coding(head, state).freqs
+            assert int(freqs[state.outside].max()) == 0
+            assert bool((freqs[~state.outside] >= 0).all())
     packed = compress(bounded, images, batch_size=3, fallback=False)
     assert torch.equal(decompress(bounded, packed.data, batch_size=2), images)
     model.config.low_res_bounds = False

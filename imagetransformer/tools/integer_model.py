@@ -519,11 +519,10 @@ class CategoricalCoding:
     def __init__(
         self, model: IntegerModel, head: torch.Tensor, outside: torch.Tensor | None = None
     ) -> None:
-        if outside is not None:  # low_res_bounds: values out of reach get no weight
+        if outside is not None:  # low_res_bounds: values out of reach get no weight (their
+            # distance below the top is at least the table's cap, whose 2^(-t) is 0)
             head = head.masked_fill(outside, head.min() - ((OUT_BITS + 1) << OUT_FRAC))
         weights = softmax_weights(head, model.exp2_output)
-        if outside is not None:
-            weights = weights.masked_fill(outside, 0)
         self.freqs = frequencies(weights, OUT_BITS + 9)
 
     def code(self, channel: int, code: Code, known: torch.Tensor | None):
@@ -788,10 +787,7 @@ class IntegerModel:
         if self.low_res_table is not None or self.low_res_upsample is not None:
             self.covering = covering_pixel(config)[order].to(device)
         self.remainder_table = None
-        self.reads_blocks = config.task == "superres" and (
-            config.low_res_remainder or config.low_res_bounds
-        )
-        if self.reads_blocks:  # the block's earlier values, as the float model reads them
+        if config.reads_block_values:  # the block's earlier values, as the float model reads them
             earlier, to_come = block_remainder_layout(config, order)
             self.earlier = [row[row >= 0].to(device) for row in earlier]
             self.to_come = to_come.to(device)
@@ -923,7 +919,7 @@ class IntegerModel:
                 signal = self.upsample(low_res)
                 conditioning = signal if conditioning is None else conditioning + signal
         values = base = None
-        if self.reads_blocks and low_res is not None:
+        if c.reads_block_values and low_res is not None:
             base = block_totals(self.distribution, low_res, c.scale, self.generation_order)
         again = self.above_embed is not None or self.near_embeds or self.anchor is not None
         if again or base is not None:  # earlier values are read again
