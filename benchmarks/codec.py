@@ -45,7 +45,6 @@ from imagetransformer.tools.codec import (  # noqa: E402
     best_labels,
     compress,
     decompress,
-    float_costs,
     quantized,
 )
 
@@ -110,11 +109,7 @@ def measure(run_dir: str, max_images: int, batch_size: int) -> dict:
     integer = quantized(run_dir, torch.device("cpu"), note=lambda _: None)
     labels = best_labels(model, images) if model.config.num_classes else None
     start = time.perf_counter()
-
-    def estimate(chosen: list[int]) -> torch.Tensor:  # as the compress command does
-        return float_costs(model, images[chosen], None if labels is None else labels[chosen])
-
-    packed = compress(integer, images, batch_size=batch_size, labels=labels, estimate=estimate)
+    packed = compress(integer, images, batch_size=batch_size, labels=labels)
     compress_s = time.perf_counter() - start
     start = time.perf_counter()
     decoded = decompress(integer, packed.data, batch_size=batch_size)

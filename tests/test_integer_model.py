@@ -92,25 +92,48 @@ CASES["dmol super-resolution low_res_remainder"] = (
 )
 
 
+def _case_model(case: str):
+    """The model of `case` (its zero-initialised tables made to matter), its integer twin, and
+    images and labels for it."""
+    kind, options = CASES[case]
+    model = ImageTransformer(tiny_config(kind, **options)).eval()
+    tables = (model.class_embed, model.low_res_embed, model.low_res_upsample)
+    for table in (*tables, model.low_res_remainder):
+        if table is not None:
+            torch.nn.init.normal_(table.weight, std=0.3)
+    c, _, w = model.config.image_shape
+    images = _images()[:, :c, :, :w].contiguous()
+    labels = torch.tensor([0, 1, 2, 1]) if model.config.num_classes else None
+    return model, quantize(model, images, labels), images, labels
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_integer_bits_follow_the_float_model(case):
     """Each image's exact cost under the integer model is within 0.01% of the float model's
     (measured: about 2e-6 relative), given its label or low-resolution input where the model
     takes one. With above_signal, leaving the integer model's above signal out moves them by
     about 1e-3: the tolerance sees it."""
-    kind, options = CASES[case]
-    model = ImageTransformer(tiny_config(kind, **options)).eval()
-    tables = (model.class_embed, model.low_res_embed, model.low_res_upsample)
-    for table in (*tables, model.low_res_remainder):
-        if table is not None:  # they start at zero: make them matter
-            torch.nn.init.normal_(table.weight, std=0.3)
-    c, _, w = model.config.image_shape
-    images = _images()[:, :c, :, :w].contiguous()
-    labels = torch.tensor([0, 1, 2, 1]) if model.config.num_classes else None
-    integer = quantize(model, images, labels)
+    model, integer, images, labels = _case_model(case)
     bits = integer.bits(images, labels)
     float_bits = model.bits_per_dim(images, labels).double() * images[0].numel()
     assert torch.allclose(bits, float_bits, rtol=1e-4)
+
+
+@pytest.mark.parametrize("queries", [64, 5])
+@pytest.mark.parametrize("case", CASES)
+def test_the_teacher_forced_pass_gives_the_step_by_step_tables(case, queries):
+    """Encoding computes every step at once (`coding_tables`: blocks of queries over the keys
+    they may read, any block size, a few steps of tables at a time); decoding can only go step
+    by step (`coded_tables`, the decoder's arithmetic). Every symbol and every frequency agree
+    exactly, in the same order."""
+    _, integer, images, labels = _case_model(case)
+    integer.query_blocks = integer_model.QueryBlock.all(integer.windows, queries, integer.device)
+    steps = [(s, f) for s, f in integer.coded_tables(images, labels)]
+    chunks = list(integer.coding_tables(images, labels, rows=12))
+    assert len(chunks) > 1
+    symbols, freqs = torch.cat([s for s, _ in chunks]), torch.cat([f for _, f in chunks])
+    assert torch.equal(symbols, torch.stack([s for s, _ in steps]))
+    assert torch.equal(freqs, torch.stack([f for _, f in steps]))
 
 
 @pytest.mark.parametrize("output", ["cat", "dmol"])

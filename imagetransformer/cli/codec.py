@@ -18,7 +18,6 @@ from ..tools.codec import (
     best_labels,
     compress,
     decompress,
-    float_costs,
     png_bytes,
     quantized,
     quantized_for_file,
@@ -88,7 +87,6 @@ def run_compress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
         labels=labels,
-        estimate=lambda chosen: float_costs(model, images[chosen], _some(labels, chosen)),
     )
     atomic_write_bytes(args.output, result.data)
     stored = f"; {result.stored} stored as PNG or raw (cheaper so)" if result.stored else ""
@@ -103,10 +101,6 @@ def run_compress(args: argparse.Namespace) -> int:
             "decompress gives back the converted images, not those files"
         )
     return 0
-
-
-def _some(labels: torch.Tensor | None, chosen: list[int]) -> torch.Tensor | None:
-    return None if labels is None else labels[chosen]
 
 
 def run_decompress(args: argparse.Namespace) -> int:

@@ -225,46 +225,78 @@ class _Coders:
         return symbols, symbol_bits(freqs, symbols)
 
 
-def _code_groups(
-    model: IntegerModel,
-    coders: _Coders,
-    images: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Run the integer decoding step over the images of several groups side by side, coding
-    every symbol: first each image's label (class-conditional models, uniform over the classes)
-    and low-resolution input (super-resolution models, uniform: its raw bytes), then every
-    step's values. Encoding reads the symbols from `images` and `labels`; decoding writes them.
-    Returns the values in generation order [n, N, *value], the labels and each image's bits."""
+def _decode_groups(
+    model: IntegerModel, coders: _Coders
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode the images of several groups side by side, step by step with the integer model:
+    first each image's label (class-conditional models, uniform over the classes) and
+    low-resolution input (super-resolution models, uniform: its raw bytes), then every step's
+    values, in the order `_encode_group` coded them. Returns the values in generation order
+    [n, N, *value] and the labels."""
     n, device, config = coders.n, model.device, model.config
-    bits = torch.zeros(n, dtype=torch.float64)
+    labels = low_res = None
     if config.num_classes:
-        labels, label_bits = coders.code(labels, k=config.num_classes)
-        bits += label_bits
-    low_res = None
+        labels, _ = coders.code(None, k=config.num_classes)
     if model.encoder is not None:
-        shape = config.low_res_shape
-        low_res = None if images is None else area_downsample(images, config.scale)
-        low_res, low_res_bits = coders.code(low_res, shape=shape)
-        bits += low_res_bits
+        low_res, _ = coders.code(None, shape=config.low_res_shape)
         low_res = low_res.to(torch.uint8)
     steps = config.num_positions
-    if images is not None:
-        values = model.to_steps(images)
-    else:
-        values = torch.zeros(n, steps, *model.distribution.value_shape, dtype=torch.long)
-        values = values.to(device)
+    values = torch.zeros(n, steps, *model.distribution.value_shape, dtype=torch.long)
+    values = values.to(device)
     state = model.start(n, labels, low_res)
     for step in range(steps):
         head = model.step(state, step, values[:, step - 1] if step else None)
-        coding = model.coding(head, state)
+        coding = model.coding(head, state.outside)
         value = values[:, step].view(n, -1)
         for channel in range(coding.channels):
-            known = value[:, channel] if coders.encode else None
-            symbols, symbol_bits = coding.code(channel, coders.code, known)
+            symbols, _ = coding.code(channel, coders.code, None)
             value[:, channel] = symbols.to(device)
-            bits += symbol_bits.cpu()
-    return values, labels, bits
+    return values, labels
+
+
+def _group_tables(
+    model: IntegerModel, images: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The coding tables of the images' values (symbols [s, n] and int32 frequencies [s, n, k]
+    on the CPU, in coding order; all at once, as the encoder knows every value) and each
+    image's exact cost in bits [n], its label or low-resolution input included."""
+    config = model.config
+    side = 0.0
+    if config.num_classes:
+        side += math.log2(config.num_classes)
+    if model.encoder is not None:
+        side += 8 * math.prod(config.low_res_shape)
+    bits = torch.full((len(images),), side, dtype=torch.float64)
+    tables = []
+    for symbols, freqs in model.coding_tables(images, labels):
+        costs = symbol_bits(freqs.flatten(0, 1), symbols.flatten()).view(symbols.shape)
+        bits += costs.sum(0).cpu()
+        tables.append((symbols.cpu(), freqs.cpu().to(torch.int32)))  # < 2^24
+    return tables, bits
+
+
+def _encode_group(
+    model: IntegerModel,
+    coder,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    tables: list[tuple[torch.Tensor, torch.Tensor]],
+    keep: torch.Tensor,
+) -> None:
+    """Code the images `keep` of a group into `coder`, in the order `_decode_groups` reads
+    them: their labels, low-resolution inputs, then each step's symbols from `tables`."""
+    config = model.config
+    coders = _Coders([coder], [len(keep)], encode=True)
+    if config.num_classes:
+        coders.code(labels[keep], k=config.num_classes)
+    if model.encoder is not None:
+        low_res = area_downsample(images[keep], config.scale)
+        coders.code(low_res, shape=config.low_res_shape)
+    categorical = coders.constriction.stream.model.Categorical(perfect=False)
+    for symbols, freqs in tables:
+        chosen = symbols[:, keep].reshape(-1).numpy().astype(np.int32)
+        table = freqs[:, keep].reshape(len(chosen), -1).numpy().astype(np.float64)
+        coder.encode(chosen, categorical, table)
 
 
 def png_bytes(image: np.ndarray, smallest: bool = True) -> bytes:
@@ -324,29 +356,6 @@ def best_labels(model: ImageTransformer, images: torch.Tensor, batch_size: int =
     return torch.cat(chunks).cpu()
 
 
-@torch.no_grad()
-def float_costs(
-    model: ImageTransformer, images: torch.Tensor, labels=None, batch_size: int = 64
-) -> torch.Tensor:
-    """Each image's cost in bits under the float model, as the file codes it: its label
-    (uniform over the classes) or low-resolution input (raw bytes) and its values given them.
-    Within about 1e-4 of the integer model's exact cost; one parallel pass, where the integer
-    model decodes step by step."""
-    device = model.head.weight.device
-    costs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size].to(device)
-        chosen = None if labels is None else labels[start : start + batch_size].to(device)
-        costs.append(model.bits_per_dim(chunk, chosen).double().cpu() * images[0].numel())
-    total = torch.cat(costs)
-    config = model.config
-    if config.num_classes:
-        total += math.log2(config.num_classes)
-    if config.task == "superres":
-        total += 8 * math.prod(config.low_res_shape)
-    return total
-
-
 def _check_shape(model: IntegerModel, images: torch.Tensor) -> None:
     expected = tuple(model.config.image_shape)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.dtype != torch.uint8:
@@ -363,21 +372,16 @@ def compress(
     progress: bool = False,
     fallback: bool = True,
     labels: torch.Tensor | None = None,
-    estimate: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> Compressed:
     """uint8 images [N, C, H, W] (the model's shape) -> the bytes of an .itc file.
 
-    Images are coded in groups of `batch_size`, one coder stream per group. An image whose exact
-    cost under the model exceeds the cheaper of its raw bytes and a PNG of it is stored that way
-    instead (its group is coded again without it), unless `fallback` is off. A class-conditional
-    model codes each image with its label from `labels` [N] (stored in the file; see
-    `best_labels`), a super-resolution model with the image's own area-downsampled copy (stored
-    raw in the file). `estimate(indices)`: those images' costs in bits under the float model
-    (`float_costs`, one parallel pass, a few percent of coding the group): it picks the images
-    of the first group to store otherwise before they are coded, and those of every later group
-    once any image has been stored otherwise or a group has had to be coded again, so that each
-    group is coded once (data the model codes well pays for one estimate; the integer model's
-    exact costs still decide where the two differ)."""
+    Images are coded in groups of `batch_size`, one coder stream per group. Each group's coding
+    tables come from one teacher-forced pass of the integer model (the same integers as the
+    decoder's step-by-step pass), which also gives each image's exact cost: an image that would
+    cost more than the cheaper of its raw bytes and a PNG of it is stored that way instead,
+    unless `fallback` is off. A class-conditional model codes each image with its label from
+    `labels` [N] (stored in the file; see `best_labels`), a super-resolution model with the
+    image's own area-downsampled copy (stored raw in the file)."""
     _check_shape(model, images)
     labels = _check_labels(model, labels, len(images))
     queue = _constriction().stream.queue
@@ -396,27 +400,21 @@ def compress(
         header.stored[i] = (mode, len(payload))
         return True
 
-    streams, model_bits, estimating = [], 0.0, estimate is not None
+    streams, model_bits = [], 0.0
     with _bar(len(images), "compress", progress) as bar:
         for start in range(0, len(images), batch_size):
             members = list(range(start, min(start + batch_size, len(images))))
-            if estimating:
-                costs = zip(members, estimate(members).tolist(), strict=True)
-                members = [i for i, cost in costs if not store_if_cheaper(i, cost)]
-            while members:
+            chosen = None if labels is None else labels[members]
+            tables, bits = _group_tables(model, images[members], chosen)
+            costs = bits.tolist()
+            keep = [j for j, i in enumerate(members) if not store_if_cheaper(i, costs[j])]
+            if keep:
                 coder = queue.RangeEncoder()
-                coders = _Coders([coder], [len(members)], encode=True)
-                chosen = None if labels is None else labels[members]
-                _, _, bits = _code_groups(model, coders, images[members], chosen)
-                costs = zip(members, bits.tolist(), strict=True)
-                worse = [i for i, cost in costs if store_if_cheaper(i, cost)]
-                if not worse:
-                    streams.append(_words(coder))
-                    model_bits += float(bits.sum())
-                    break
-                members = [i for i in members if i not in worse]
-            estimating = estimate is not None and bool(stored_payloads)
-            bar.update(min(batch_size, len(images) - start))
+                kept = torch.tensor(keep)
+                _encode_group(model, coder, images[members], chosen, tables, kept)
+                streams.append(_words(coder))
+                model_bits += float(bits[kept].sum())
+            bar.update(len(members))
     out = bytearray(header.to_bytes())
     for words in streams:
         put_varint(out, len(words) // 4)
@@ -482,7 +480,7 @@ def decompress(
             ]
             coders = _Coders(decoders, [len(m) for m in batch], encode=False)
             try:
-                values, decoded_labels, _ = _code_groups(model, coders)
+                values, decoded_labels = _decode_groups(model, coders)
             except (AssertionError, ValueError, RuntimeError, OverflowError) as err:
                 # constriction: data that is not valid for the model, a coder out of data
                 raise UserError(

@@ -92,6 +92,8 @@ FREQ_FREE = (1 << FREQ_BITS) - 256
 ATT_FRAC, ATT_BITS = 10, 20  # attention softmax: exponents in 2^-10 of a bit, weights < 2^20
 OUT_FRAC, OUT_BITS = 12, 24  # output logits in 2^-12 of a bit, their exponentials < 2^24
 HEAD_MAX = 2**40
+QUERY_BLOCK = 64  # queries read together in a teacher-forced pass (any number: the same results)
+FORWARD_VALUES = 1 << 23  # the widest activation of a teacher-forced pass at most (64 MB)
 
 # the mixture of logistics (dmol)
 LOC_FRAC, LOC_MAX = 16, 16 << 16  # means on the [-1, 1] scale in 2^-16, within +-16
@@ -419,7 +421,22 @@ class Attention:
         q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
         return self.out(self.attend(q, k, v, None).transpose(-2, -3).flatten(-2))
 
+    def causal(self, x: torch.Tensor, blocks: list[QueryBlock]) -> torch.Tensor:
+        """x [n, N, d], every step of a known sequence at once: each block of queries over the
+        keys its steps may read. The keys a step may not read weigh exactly 0 and add exact
+        zeros, so each row is what `step` computes for that step."""
+        q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
+        out = torch.empty_like(q)
+        for block in blocks:
+            rows, keys = block.queries, block.keys
+            out[:, :, rows] = self.attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], block.mask)
+        return self.out(out.transpose(-2, -3).flatten(-2))
+
     def over(self, x: torch.Tensor, keys_values) -> torch.Tensor:
+        """x [n, d] (one step) or [n, N, d] (every step) over an encoder's keys and values."""
+        if x.dim() == 3:
+            q = self._heads(self.q(x))
+            return self.out(self.attend(q, *keys_values, None).transpose(-2, -3).flatten(-2))
         q = self.q(x).view(x.shape[0], self.heads, 1, -1)
         return self.out(self.attend(q, *keys_values, None).reshape(x.shape[0], -1))
 
@@ -450,6 +467,31 @@ class KeyWindow:
             mask.masked_fill_(~allowed[step, order], -math.inf)
             windows.append(KeyWindow(first % span, step + 1 - first, mask.to(device)))
         return windows
+
+
+@dataclass
+class QueryBlock:
+    """Consecutive steps' queries read together when the whole sequence is known: the keys of
+    the steps from the oldest that any of them may read to the last of them, and the mask
+    [queries, keys] (0: may read, -inf: may not), each row the step's `KeyWindow` in place."""
+
+    queries: slice
+    keys: slice
+    mask: torch.Tensor
+
+    @staticmethod
+    def all(windows: list[KeyWindow], size: int, device: torch.device) -> list[QueryBlock]:
+        blocks = []
+        for start in range(0, len(windows), size):
+            stop = min(start + size, len(windows))
+            first = min(step + 1 - windows[step].length for step in range(start, stop))
+            mask = torch.full((stop - start, stop - first), -math.inf, dtype=torch.float64)
+            for step in range(start, stop):
+                window = windows[step]
+                oldest = step + 1 - window.length - first
+                mask[step - start, oldest : oldest + window.length] = window.mask.cpu()
+            blocks.append(QueryBlock(slice(start, stop), slice(first, stop), mask.to(device)))
+        return blocks
 
 
 class Block:
@@ -501,6 +543,14 @@ class Block:
         return self.run(
             x,
             lambda h: self.attn.step(h, step, cache, window),
+            lambda h: self.cross.over(h, memory_kv),
+        )
+
+    def sequence(self, x, blocks: list[QueryBlock], memory_kv=None):
+        """Every step of a known sequence x [n, N, d] at once."""
+        return self.run(
+            x,
+            lambda h: self.attn.causal(h, blocks),
             lambda h: self.cross.over(h, memory_kv),
         )
 
@@ -955,6 +1005,23 @@ class IntegerModel:
         `step - 1` ([n] intensities or [n, C] pixels; None at step 0)."""
         if step != state.next_step:
             raise ValueError(f"step expected {state.next_step}, got {step}")
+        x = self.step_input(state, step, previous)
+        window = self.windows[step]
+        for i, (block, cache, memory_kv) in enumerate(
+            zip(self.blocks, state.caches, state.memory_kvs, strict=True)
+        ):
+            if i and state.block_signal is not None:
+                x = (x + state.block_signal).clamp_(-self.max, self.max)
+            x = block.step(x, step, cache, window, memory_kv)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        state.next_step = step + 1
+        state.outside = self.outside(state, step)
+        return self.anchored(self.head(x), state, step)
+
+    def step_input(self, state: DecodingState, step: int, previous: torch.Tensor | None):
+        """[n, d]: what enters the first block at step `step`: the position, the previous
+        value's embedding and the signals of earlier values and of the conditioning."""
         x = self.position[step].expand(state.batch, -1)
         if step > 0:
             x = x + self.embed(previous, step - 1)
@@ -971,19 +1038,93 @@ class IntegerModel:
             x = x + cond[:, step if cond.shape[1] > 1 else 0]
         if self.remainder_table is not None and state.remainder_base is not None:
             x = x + self.remainder(state, step)
-        x = x.clamp(-self.max, self.max)
-        window = self.windows[step]
-        for i, (block, cache, memory_kv) in enumerate(
-            zip(self.blocks, state.caches, state.memory_kvs, strict=True)
-        ):
+        return x.clamp(-self.max, self.max)
+
+    @functools.cached_property
+    def query_blocks(self) -> list[QueryBlock]:
+        return QueryBlock.all(self.windows, QUERY_BLOCK, self.device)
+
+    def teacher_forced(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's integer outputs [n, N, P] of every step of `images` at once, and (with
+        low_res_bounds) the values each step may not take [n, N, 256], else None: what `step`
+        gives step by step fed the true values, the same integers (tested), from a few
+        operations a layer instead of a few a layer and step. What encoding can use, as all the
+        values are known; decoding has to go step by step."""
+        values = self.to_steps(images)
+        n, steps = values.shape[:2]
+        state = self.start(n, labels, self.low_res_of(images, low_res))
+        if state.values is not None:  # the signals read earlier values: all known
+            state.values.copy_(values)
+        previous = [None, *values[:, :-1].unbind(1)]
+        x = torch.stack([self.step_input(state, s, previous[s]) for s in range(steps)], 1)
+        for i, (block, memory_kv) in enumerate(zip(self.blocks, state.memory_kvs, strict=True)):
             if i and state.block_signal is not None:
-                x = (x + state.block_signal).clamp_(-self.max, self.max)
-            x = block.step(x, step, cache, window, memory_kv)
+                x = (x + state.block_signal[:, None]).clamp_(-self.max, self.max)
+            x = block.sequence(x, self.query_blocks, memory_kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        state.next_step = step + 1
-        state.outside = self.outside(state, step)
-        return self.anchored(self.head(x), state, step)
+        head = self.head(x)
+        if self.anchor is not None:
+            head = torch.stack([self.anchored(head[:, s], state, s) for s in range(steps)], 1)
+        outside = None
+        if self.config.low_res_bounds and state.remainder_base is not None:
+            outside = torch.stack([self.outside(state, s) for s in range(steps)], 1)
+        return head, outside
+
+    def coding_tables(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+        rows: int = 1 << 15,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(symbols [s, n], integer frequencies [s, n, k]) of every symbol the coder codes for
+        `images`' values, in coding order (a step's symbols in turn, each for every image),
+        about `rows` rows at a time: what `coded_tables` yields symbol by symbol, from one
+        teacher-forced pass."""
+        values = self.to_steps(images)
+        n, steps = values.shape[:2]
+        c = self.config
+        widest = max(c.ffn_size, 3 * c.d_model, self.head.weight.shape[0])
+        per = max(1, FORWARD_VALUES // (steps * widest))  # images a pass: bounded memory
+        parts = [
+            self.teacher_forced(
+                images[i : i + per],
+                None if labels is None else labels[i : i + per],
+                None if low_res is None else low_res[i : i + per],
+            )
+            for i in range(0, n, per)
+        ]
+        head = torch.cat([h for h, _ in parts])
+        outside = None if parts[0][1] is None else torch.cat([o for _, o in parts])
+        chunk = max(1, rows // n)
+        for start in range(0, steps, chunk):
+            part = slice(start, min(start + chunk, steps))
+            rows_of = [t if t is None else t[:, part].transpose(0, 1) for t in (head, outside)]
+            yield self._tables(*rows_of, values[:, part].transpose(0, 1))
+
+    def _tables(self, head: torch.Tensor, outside: torch.Tensor | None, values: torch.Tensor):
+        """(symbols [s * parts, n], frequencies [s * parts, n, k]) of a few steps' values
+        [s, n, ...] under their head outputs [s, n, P] (and `outside` [s, n, 256])."""
+        s, n = values.shape[:2]
+        outside = None if outside is None else outside.reshape(s * n, -1)
+        coding = self.coding(head.reshape(s * n, -1), outside)
+        known = values.reshape(s * n, -1)
+        symbols, tables = [], []
+
+        def record(chosen: torch.Tensor, freqs: torch.Tensor):
+            symbols.append(chosen.view(s, n))
+            tables.append(freqs.view(s, n, -1))
+            return chosen, symbol_bits(freqs, chosen)
+
+        for channel in range(coding.channels):
+            coding.code(channel, record, known[:, channel])
+        return torch.stack(symbols, 1).flatten(0, 1), torch.stack(tables, 1).flatten(0, 1)
 
     def anchored(self, head: torch.Tensor, state: DecodingState, step: int) -> torch.Tensor:
         """With `mixture_anchor`: the head outputs [n, P] with the decoded anchor pixel's
@@ -1006,12 +1147,13 @@ class IntegerModel:
         total = state.remainder_base[:, step]
         return outside_bounds(*value_bounds(total, earlier_sum, to_come, self.config.scale))
 
-    def coding(self, head: torch.Tensor, state: DecodingState):
-        """The integer frequencies of the step whose head outputs (float64 integers) are
-        `head`, the step that `state` has just taken."""
+    def coding(self, head: torch.Tensor, outside: torch.Tensor | None = None):
+        """The integer frequencies of the rows whose head outputs (float64 integers) are
+        `head` [n, P], and with low_res_bounds the values they may not take `outside` [n, 256]
+        (`DecodingState.outside` after a step)."""
         head = head.long()
         if self.config.output == "cat":
-            return CategoricalCoding(self, head, state.outside)
+            return CategoricalCoding(self, head, outside)
         return MixtureCoding(self, head)
 
     def coded_tables(
@@ -1035,7 +1177,7 @@ class IntegerModel:
 
         for step in range(self.config.num_positions):
             head = self.step(state, step, values[:, step - 1] if step else None)
-            coding = self.coding(head, state)
+            coding = self.coding(head, state.outside)
             value = values[:, step].view(n, -1)
             for channel in range(coding.channels):
                 coding.code(channel, record, value[:, channel])
@@ -1051,8 +1193,8 @@ class IntegerModel:
         """Exact bits [n] each image costs under the integer model (float64 of exact ratios),
         given its label or low-resolution input where the model takes one."""
         total = torch.zeros(images.shape[0], dtype=torch.float64, device=self.device)
-        for symbols, freqs in self.coded_tables(images, labels, low_res):
-            total += symbol_bits(freqs, symbols)
+        for symbols, freqs in self.coding_tables(images, labels, low_res):
+            total += symbol_bits(freqs.flatten(0, 1), symbols.flatten()).view(symbols.shape).sum(0)
         return total
 
 
