@@ -163,10 +163,12 @@ def test_frequencies_are_what_the_coder_reads_exactly(output):
 def test_integer_helpers_are_exact():
     x = torch.tensor([-7, -6, -5, -4, 4, 5, 6, 7, 2**60 + 3])
     assert rshift(x, 2).tolist() == [(2 * v + 4) // 8 for v in x.tolist()]  # round(v / 4)
-    weights = torch.tensor([[3, 0, 5, 5] + [0] * 252, [1] * 256])
+    far = [0] * 100 + [9] + [0] * 99 + [9] + [1] * 55  # equal maxima far apart
+    weights = torch.tensor([[3, 0, 5, 5] + [0] * 252, [1] * 7 + [0] * 249, far])
     freqs = frequencies(weights, 12)
-    assert freqs.sum(-1).tolist() == [FREQ_FREE] * 2
+    assert freqs.sum(-1).tolist() == [FREQ_FREE] * 3
     assert freqs[0, 1] == 0 and freqs[0, 2] > freqs[0, 3]  # the leftover goes to the first max
+    assert freqs[1, 0] > freqs[1, 1] and freqs[2, 100] > freqs[2, 200]
     assert FREQ_FREE + 256 == 1 << FREQ_BITS == free_units(16) + 16
     nothing = frequencies(torch.zeros(1, 16, dtype=torch.long), 12)  # a range without mass
     assert nothing.sum().item() == free_units(16) and nothing.amax() - nothing.amin() <= 15

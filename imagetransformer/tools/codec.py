@@ -202,7 +202,7 @@ class _Coders:
         """Code the symbols [n, *shape] of the n images: one each under its integer frequencies
         `freqs` [n, 256], or (None) under the uniform distribution over 0..k-1. Encoding codes
         `symbols`; decoding (`symbols` None) returns them. Returns the symbols (int64, on the
-        CPU) and their exact bits [n]."""
+        CPU) and their exact bits [n] (0 when decoding: nothing reads them)."""
         if freqs is None:
             model, tables = self.constriction.stream.model.Uniform(k), None
         else:
@@ -220,6 +220,8 @@ class _Coders:
                 given = array[rows].size if tables is None else tables[rows]
                 array[rows] = coder.decode(model, given).reshape(array[rows].shape)
         symbols = torch.from_numpy(array)
+        if not self.encode:
+            return symbols, 0.0
         if tables is None:
             return symbols, torch.full((self.n,), math.prod(shape) * math.log2(k))
         return symbols, symbol_bits(freqs, symbols)

@@ -117,7 +117,8 @@ def rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
 def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
     """2^(bits - t / 2^frac) for int64 t >= 0, from `table` (2^frac entries: the fractional
     part) and a shift (the integer part)."""
-    return table[t & ((1 << frac) - 1)] >> (t >> frac)
+    fraction = (t & ((1 << frac) - 1)).view(-1)
+    return table.index_select(0, fraction).view(t.shape) >> (t >> frac)
 
 
 @functools.cache
@@ -170,9 +171,7 @@ def frequencies(weights: torch.Tensor, bound_bits: int) -> torch.Tensor:
     freqs = torch.div(weights * free, total.clamp(min=1), rounding_mode="floor")
     freqs = torch.where(total > 0, freqs, free // weights.shape[-1])  # nothing known: uniform
     rest = free - freqs.sum(-1, keepdim=True)
-    index = torch.arange(weights.shape[-1], device=weights.device)
-    largest = weights == weights.amax(-1, keepdim=True)
-    first = torch.where(largest, index, weights.shape[-1]).amin(-1, keepdim=True)
+    first = weights.argmax(-1, keepdim=True)  # documented: the first of equal maxima
     return freqs.scatter_add(-1, first, rest)
 
 
