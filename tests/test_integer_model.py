@@ -174,6 +174,21 @@ def test_integer_helpers_are_exact():
     assert nothing.sum().item() == free_units(16) and nothing.amax() - nothing.amin() <= 15
 
 
+def test_edges_beyond_the_ends_give_the_cdf_exactly_0_and_1():
+    """The mixture's boundaries below value 0 and above 255 are edges far enough out that any
+    component (any mean, any scale the head can give) has CDF exactly 0 and 2^28 there, with no
+    int64 overflow: what masking them to 0 and 2^28 gave."""
+    model = ImageTransformer(tiny_config("local_1d", output="dmol")).eval()
+    integer = quantize(model, _images())
+    means = torch.tensor([-integer_model.LOC_MAX, 0, integer_model.LOC_MAX])
+    scales = integer.inverse_scale[[0, -1]]
+    for edge, expected in ((integer.bound_edges[0], 0), (integer.bound_edges[-1], 1 << 28)):
+        u = (edge - means[:, None]) * scales[None]
+        assert bool((u.abs() < 2**62).all())
+        cdf = integer_model.logistic_cdf(u, integer.sigmoid, integer.sigmoid_slope)
+        assert cdf.tolist() == [[expected] * 2] * 3
+
+
 def test_saved_integer_model_is_named_by_its_contents(tmp_path):
     """Saving and loading keeps the fingerprint; quantizing the same weights on the same images
     gives the same model; a damaged file is refused in one line."""

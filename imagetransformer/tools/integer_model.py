@@ -105,6 +105,9 @@ COEF_FRAC = 16  # tanh of them in 2^-16
 U_FRAC = LOC_FRAC + INV_FRAC  # the logistic's argument (edge - mean) / scale in 2^-36
 SIG_STEP, SIG_RANGE = 8, 24  # the CDF table: every 2^-8 over [-24, 24], interpolated linearly
 CDF_BITS = 28  # a component's CDF in 2^-28
+# an edge beyond the ends: (2^31 - LOC_MAX) times the smallest inverse scale is past the table's
+# range (CDF exactly 0 or 2^28), and 2^31 + LOC_MAX times the largest below 2^63 (no overflow)
+BEYOND_EDGES = 1 << 31
 MIX_BITS = 24  # mixture weights renormalised to about 2^24
 
 
@@ -623,19 +626,17 @@ class MixtureCoding:
             mean = mean + rshift(coupling, COEF_FRAC)
         return mean
 
-    def component_masses(self, mean: torch.Tensor, channel: int, bounds: torch.Tensor):
-        """[n, K, 16]: each component's masses of the 16 ranges between 17 boundaries `bounds`
-        [n or 1, 17] in 0..256 (its CDF there: 0 below value 0, 2^28 above 255)."""
-        inner = self.model.edges[(bounds - 1).clamp_(0, 254)]  # edge below value b
-        u = (inner[:, None] - mean[..., None]) * self.inv_scales[..., channel, None]
+    def component_masses(self, mean: torch.Tensor, inverse: torch.Tensor, edges: torch.Tensor):
+        """[n, K, 16]: each component's masses of the 16 ranges between 17 boundaries whose
+        edges (`IntegerModel.bound_edges` of boundaries in 0..256) are `edges` [n or 1, 17], of
+        components with means `mean` [n, K] and inverse scales `inverse` [n, K, 1]."""
+        u = (edges.unsqueeze(1) - mean.unsqueeze(-1)).mul_(inverse)
         cdf = logistic_cdf(u, self.model.sigmoid, self.model.sigmoid_slope)  # [n, K, 17]
-        cdf = cdf.masked_fill_((bounds == 0)[:, None], 0)
-        cdf = cdf.masked_fill_((bounds == 256)[:, None], 1 << CDF_BITS)
-        return cdf[..., 1:] - cdf[..., :-1]
+        return torch.diff(cdf, dim=-1)
 
     def mixed(self, masses: torch.Tensor) -> torch.Tensor:
         """Integer frequencies [n, 16] of the mixture of the components' `masses`."""
-        weighted = (self.weights[..., None] * masses).sum(1)  # [n, 16], sums < 2^53
+        weighted = torch.bmm(self.weights.unsqueeze(1), masses).squeeze(1)  # [n, 16]: int64
         return frequencies(weighted, MIX_BITS + 1 + CDF_BITS)
 
     def code(self, channel: int, code: Code, known: torch.Tensor | None):
@@ -645,20 +646,21 @@ class MixtureCoding:
         the two symbols' probabilities multiply to the value's (bar rounding). Then the
         components are weighed by their mass of it (plus one, so that no value leaves all of
         them at zero), and the later channels coupled to it."""
-        device = self.weights.device
-        mean = self.mean(channel)
-        coarse = self.mixed(self.component_masses(mean, channel, self.model.range_bounds))
+        model, device = self.model, self.weights.device
+        mean, inverse = self.mean(channel), self.inv_scales[..., channel].unsqueeze(-1)
+        coarse = self.mixed(self.component_masses(mean, inverse, model.range_edges))
         high, high_bits = code(None if known is None else known >> 4, coarse)
         high = high.to(device)
-        fine_bounds = 16 * high[:, None] + self.model.value_bounds  # [n, 17]
-        masses = self.component_masses(mean, channel, fine_bounds)
+        bounds = (16 * high).unsqueeze(1) + model.value_bounds  # [n, 17] in 0..256
+        edges = model.bound_edges.index_select(0, bounds.view(-1)).view(bounds.shape)
+        masses = self.component_masses(mean, inverse, edges)
         low, low_bits = code(None if known is None else known & 15, self.mixed(masses))
         low = low.to(device)
         values = high * 16 + low
         index = low.view(-1, 1, 1).expand(-1, masses.shape[1], 1)
-        mass = masses.gather(-1, index)[..., 0]
+        mass = masses.gather(-1, index).squeeze(-1)
         self.weights = renormalise(self.weights * (mass + 1))
-        self.x[:, channel] = self.model.unit_values[values]
+        self.x[:, channel] = model.unit_values.index_select(0, values)
         return values, high_bits + low_bits
 
 
@@ -851,8 +853,12 @@ class IntegerModel:
             self.sigmoid_slope = self.sigmoid[1:] - self.sigmoid[:-1]
             # the boundaries of the 16 ranges of 16 values, and of the values within a range
             self.value_bounds = torch.arange(17, device=device)
-            self.range_bounds = (16 * self.value_bounds)[None]
-            self.edges = store.get("edges", device)
+            # the edge below each value b in 0..256, beyond the ends far enough out that every
+            # component's CDF there is exactly 0 (b = 0) or 2^28 (b = 256) (tested)
+            edges = store.get("edges", device)
+            far = torch.tensor([BEYOND_EDGES], device=device)
+            self.bound_edges = torch.cat([-far, edges, far])
+            self.range_edges = self.bound_edges[16 * self.value_bounds][None]  # [1, 17]
             self.unit_values = store.get("unit_values", device)
         self.anchor = None
         if config.mixture_anchor:  # the pixel each step's means are offsets from
