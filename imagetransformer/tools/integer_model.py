@@ -412,11 +412,13 @@ class Attention:
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
         span = cache.shape[3] // 2
         kv = qkv[:, 1:].transpose(0, 1)
-        cache[:, :, :, step % span] = kv
-        cache[:, :, :, step % span + span] = kv
-        held = cache[:, :, :, window.start : window.start + window.length].unbind(0)
-        keys, values = (part.double() for part in held)  # int16: widened; float64: as is
-        o = self.attend(qkv[:, 0, :, None], keys, values, window.mask)
+        cache.select(3, step % span).copy_(kv)
+        cache.select(3, step % span + span).copy_(kv)
+        keys, values = cache.narrow(3, window.start, window.length).unbind(0)
+        if keys.dtype != torch.float64:  # int16: widened; float64: read in place
+            keys, values = keys.double(), values.double()
+        mask = None if window.reads_all else window.mask
+        o = self.attend(qkv[:, 0, :, None], keys, values, mask)
         return self.out(o.reshape(x.shape[0], -1))
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,6 +456,7 @@ class KeyWindow:
     start: int
     length: int
     mask: torch.Tensor
+    reads_all: bool = False  # the mask is all zeros: attention can leave it out
 
     @staticmethod
     def all(pattern: AttentionPattern, device: torch.device) -> list[KeyWindow]:
@@ -467,7 +470,8 @@ class KeyWindow:
             order = torch.arange(first, step + 1) % span
             mask = torch.zeros(len(order), dtype=torch.float64)
             mask.masked_fill_(~allowed[step, order], -math.inf)
-            windows.append(KeyWindow(first % span, step + 1 - first, mask.to(device)))
+            every = bool(allowed[step, order].all())  # adding a mask of zeros changes nothing
+            windows.append(KeyWindow(first % span, step + 1 - first, mask.to(device), every))
         return windows
 
 
