@@ -88,6 +88,23 @@ def test_round_trip_is_bit_exact_on_random_and_unlikely_images(output, signal):
     assert torch.equal(decompress(integer, packed.data, batch_size=64), images)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("output", ["cat", "dmol"])
+def test_files_cross_between_the_cpu_and_a_gpu(output):
+    """A file written on the CPU decodes on a GPU and the reverse; both write the same bytes
+    (the teacher-forced pass on either) and decode step by step to the same images."""
+    model = ImageTransformer(tiny_config("local_2d", output=output, above_signal=True)).eval()
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (5, 3, 4, 6), generator=g, dtype=torch.uint8)
+    integer = quantize(model, images)
+    gpu = integer.to("cuda")
+    on_cpu = compress(integer, images, batch_size=3, fallback=False)
+    on_gpu = compress(gpu, images, batch_size=3, fallback=False)
+    assert on_gpu.data == on_cpu.data
+    assert torch.equal(decompress(gpu, on_cpu.data, batch_size=2), images)
+    assert torch.equal(decompress(integer, on_gpu.data), images)
+
+
 SIDE_CASES = {
     "class-conditional": dict(num_classes=3),
     "super-resolution": dict(
