@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -61,6 +62,9 @@ class ImageTransformerConfig:
     num_classes: int = 0  # 0: unconditional
     # the class table's init: this times tensor2tensor's variance-scaling init (0: zeros)
     class_init: float = 0.0
+    # what the class table's row is multiplied by: 0 means sqrt(d_model), as the reference and
+    # the input embeddings; with Adam a smaller multiplier is a smaller step for the class signal
+    class_scale: float = 0.0
     # input: the class embedding is added to the decoder's input (as the paper); every_block:
     # the same embedding is added again to the residual stream before every later block
     class_signal: str = "input"
@@ -185,6 +189,8 @@ class ImageTransformerConfig:
             raise UserError(f"memory_length must be >= 0, got {self.memory_length}")
         if self.class_init < 0:
             raise UserError(f"class_init must be >= 0 (0 = zeros), got {self.class_init}")
+        if self.class_scale < 0:
+            raise UserError(f"class_scale must be >= 0 (0 = sqrt(d_model)), got {self.class_scale}")
         if self.num_classes < 0:
             raise UserError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         PATTERNS[self.attention].check_config(self)
@@ -215,6 +221,11 @@ class ImageTransformerConfig:
             )
 
     # JSON round-trip ---------------------------------------------------------------------------
+    @property
+    def class_multiplier(self) -> float:
+        """What the class table's row is multiplied by (`class_scale`, 0: sqrt(d_model))."""
+        return self.class_scale or math.sqrt(self.d_model)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 

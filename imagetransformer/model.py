@@ -548,7 +548,7 @@ class ImageTransformer(nn.Module):
         """[B, 1, d]: the class embedding added at every position (0 when unconditional)."""
         if self.class_embed is None or labels is None:
             return 0.0
-        return (self.class_embed(labels) * math.sqrt(self.config.d_model))[:, None, :]
+        return (self.class_embed(labels) * self.config.class_multiplier)[:, None, :]
 
     def block_signal(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1, d]: what is added to the residual stream before every block after the first:

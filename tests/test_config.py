@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -59,9 +60,10 @@ def test_from_dict_refuses_unknown_keys() -> None:
 def test_class_options_default_to_the_old_model_and_round_trip() -> None:
     """A config saved before class_signal existed loads as the input-only model it was."""
     data = load_preset("mnist_1d_cond").to_dict()
-    del data["class_signal"], data["class_init"], data["class_dropout"]
+    del data["class_signal"], data["class_init"], data["class_dropout"], data["class_scale"]
     old = ImageTransformerConfig.from_dict(data)
     assert (old.class_signal, old.class_init, old.class_dropout) == ("input", 0.0, 0.0)
+    assert old.class_scale == 0.0 and old.class_multiplier == math.sqrt(old.d_model)
     model, train = apply_overrides(*_tiny(), ["num_classes=10", "class_signal=every_block"])
     assert ImageTransformerConfig.from_json(model.to_json()) == model
     assert model.class_signal == "every_block"
@@ -71,6 +73,8 @@ def test_class_options_default_to_the_old_model_and_round_trip() -> None:
         apply_overrides(*_tiny(), ["num_classes=10", "class_signal=everywhere"])
     with pytest.raises(UserError, match="class_init"):
         apply_overrides(*_tiny(), ["num_classes=10", "class_init=-1"])
+    with pytest.raises(UserError, match="class_scale must be >= 0"):
+        apply_overrides(*_tiny(), ["num_classes=10", "class_scale=-1"])
     with pytest.raises(UserError, match="class_dropout must be in"):
         apply_overrides(*_tiny(), ["num_classes=10", "class_dropout=1"])
     with pytest.raises(UserError, match="num_classes"):

@@ -65,7 +65,10 @@ CASES["dmol near_signal above_signal local_1d"] = (
     "local_1d",
     dict(output="dmol", near_signal=True, above_signal=True),
 )
-CASES["cat class_dropout"] = ("local_1d", dict(output="cat", num_classes=3, class_dropout=0.1))
+CASES["cat class_dropout class_scale"] = (
+    "local_1d",
+    dict(output="cat", num_classes=3, class_dropout=0.1, class_scale=1.0),
+)
 CASES["cat super-resolution low_res_remainder local_2d"] = (
     "local_2d",
     dict(output="cat", **{**SUPERRES, "image_shape": (3, 4, 6), "low_res_remainder": True}),

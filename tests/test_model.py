@@ -221,6 +221,17 @@ def test_class_init_scales_the_variance_scaling_init():
     assert all(torch.equal(v, half.state_dict()[k]) for k, v in others.items())
 
 
+def test_class_scale_multiplies_the_class_row():
+    """class_scale=s adds s times the label's row (0: sqrt(d_model), the reference's)."""
+    model = ImageTransformer(tiny_config(num_classes=3))
+    torch.nn.init.normal_(model.class_embed.weight)
+    labels = torch.tensor([2, 0])
+    rows = model.class_embed.weight[labels][:, None]
+    assert torch.allclose(model.class_signal(labels), rows * math.sqrt(16))
+    model.config.class_scale = 1.0
+    assert torch.equal(model.class_signal(labels), rows)
+
+
 def test_a_conditional_model_starts_with_its_unconditional_twins_weights():
     """The zero class table draws no random numbers, so at one seed the two runs differ by
     the label alone."""

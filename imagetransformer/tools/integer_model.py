@@ -1306,7 +1306,8 @@ def quantize(model, images: torch.Tensor, labels: torch.Tensor | None = None) ->
         for i, embed in enumerate(model.near_embeds or []):
             Embedding.make(store, f"near_embeds.{i}", embed, config, unit, res_max)
         if model.class_embed is not None:
-            table_of(store, "class_embed", model.class_embed.weight, root_d, unit, res_max)
+            scale = config.class_multiplier
+            table_of(store, "class_embed", model.class_embed.weight, scale, unit, res_max)
         if model.low_res_embed is not None:
             table_of(store, "low_res_embed", model.low_res_embed.weight, root_d, unit, res_max)
         if model.low_res_remainder is not None:
