@@ -784,8 +784,9 @@ class Encoder:
 class IntegerModel:
     """An integer twin of an `ImageTransformer`'s decoding step (both outputs; unconditional,
     class-conditional and super-resolution models, with or without the above signal). `start`
-    and `step` give the head's integer outputs step by step; `coding` turns them into the
-    integer frequencies of each channel in turn."""
+    and `step` give the head's integer outputs step by step (decoding); `teacher_forced` gives
+    the same integers for every step of known images at once (encoding); `coding` turns them
+    into the integer frequencies of each channel in turn."""
 
     def __init__(
         self,
