@@ -18,7 +18,7 @@ Each part reads runs trained by the README's commands; from a fresh clone (after
     # guidance), judged by an independently seeded conditional run without class dropout
     .venv/bin/imagetransformer train --preset mnist_1d_cond --out runs/cond
     .venv/bin/imagetransformer train --preset mnist_1d_cond --set class_dropout=0 \
-        --set seed=1 --out runs/cond-judge
+        --set class_scale=0 --set seed=1 --out runs/cond-judge
     .venv/bin/python benchmarks/quality.py labels runs/cond runs/cond-judge --guidance 0 1 3
 
 Every part prints a Markdown table (add `--json PATH` for the figures). Definitions:
