@@ -286,6 +286,7 @@ class Linear:
 
     def __init__(self, store: Store, name: str, device: torch.device) -> None:
         self.weight = store.values(f"{name}.weight", device)
+        self.weight_t = self.weight.t().contiguous()  # [in, out]: what `mm` reads fastest
         self.bias = store.values(f"{name}.bias", device)
         self.scale = store.get(f"{name}.scale", device)
         self.lo, self.hi = store.ints[f"{name}.lo"], store.ints[f"{name}.hi"]
@@ -295,13 +296,14 @@ class Linear:
         projection)."""
         other = object.__new__(Linear)
         other.weight, other.bias = self.weight[part], self.bias[part]
+        other.weight_t = other.weight.t().contiguous()
         other.scale, other.lo, other.hi = self.scale[part], self.lo, self.hi
         return other
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            F.linear(x, self.weight, self.bias).mul_(self.scale).round_().clamp_(self.lo, self.hi)
-        )
+        # mm, then the bias in place: addmm first copies the bias into every row
+        product = torch.mm(x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
+        return product.add_(self.bias).mul_(self.scale).round_().clamp_(self.lo, self.hi)
 
 
 class LayerNorm:
@@ -406,17 +408,20 @@ class Attention:
 
     def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, window: KeyWindow):
         """x [b, d] at generation step `step`: its key and value go into the doubled ring
-        buffer `cache` [2, b, h, 2 span, dh] (at slot and slot + span; float64 or int16, see
+        buffer `cache` [2 span, 2, b, h, dh] (at slot and slot + span; float64 or int16, see
         `cache_dtype`), and its query reads the window of the newest keys that holds every key
-        the step may read, widened to float64."""
+        the step may read, widened to float64. Slots first: a step writes two contiguous
+        blocks and reads one, where slots inside scattered its writes over every image and
+        head."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
-        span = cache.shape[3] // 2
+        span = cache.shape[0] // 2
         kv = qkv[:, 1:].transpose(0, 1)
-        cache.select(3, step % span).copy_(kv)
-        cache.select(3, step % span + span).copy_(kv)
-        keys, values = cache.narrow(3, window.start, window.length).unbind(0)
-        if keys.dtype != torch.float64:  # int16: widened; float64: read in place
-            keys, values = keys.double(), values.double()
+        cache[step % span].copy_(kv)
+        cache[step % span + span].copy_(kv)
+        held = cache.narrow(0, window.start, window.length)  # [L, 2, b, h, dh]
+        if held.dtype != torch.float64:  # int16: widened; float64: read in place
+            held = held.double()
+        keys, values = held.permute(1, 2, 3, 0, 4).unbind(0)  # [b, h, L, dh] each
         mask = None if window.reads_all else window.mask
         o = self.attend(qkv[:, 0, :, None], keys, values, mask)
         return self.out(o.reshape(x.shape[0], -1))
@@ -696,7 +701,7 @@ def fixed_unit_values(numerators) -> list[int]:
 @dataclass
 class DecodingState:
     batch: int
-    caches: list[torch.Tensor]  # per block: keys and values [2, n, h, 2 span, dh] (KeyWindow)
+    caches: list[torch.Tensor]  # per block: keys and values [2 span, 2, n, h, dh] (KeyWindow)
     memory_kvs: list  # per block: the encoder's keys and values (super-resolution), or None
     conditioning: torch.Tensor | None  # [n, 1 or N, d]: the class and low-resolution signals
     values: torch.Tensor | None = None  # [n, N, *value_shape]: the values so far (above_signal)
@@ -952,7 +957,7 @@ class IntegerModel:
         `low_res` uint8 [n, C, h, w] (super-resolution models)."""
         c = self.config
         span, head_dim = self.pattern.cache_span, c.d_model // c.num_heads
-        shape = (2, n, c.num_heads, 2 * span, head_dim)  # keys and values, each slot twice
+        shape = (2 * span, 2, n, c.num_heads, head_dim)  # each slot twice: keys and values
         window_bytes = len(self.blocks) * math.prod(shape) // 2 * 8
         dtype = self.cache_dtype or cache_dtype(window_bytes, self.device)
         caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.blocks]
