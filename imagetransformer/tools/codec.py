@@ -199,32 +199,29 @@ class _Coders:
         self.n = sum(sizes)
 
     def code(self, symbols, freqs=None, k: int = 256, shape: tuple[int, ...] = ()):
-        """Code the symbols [n, *shape] of the n images: one each under its integer frequencies
-        `freqs` [n, 256], or (None) under the uniform distribution over 0..k-1. Encoding codes
-        `symbols`; decoding (`symbols` None) returns them. Returns the symbols (int64, on the
-        CPU) and their exact bits [n] (0 when decoding: nothing reads them)."""
+        """Code the symbols [n, *shape] of the n images. Decoding (`symbols` None): one each
+        under its integer frequencies `freqs` [n, 256], or (None) under the uniform
+        distribution over 0..k-1. Encoding: `symbols` under the uniform distribution (labels
+        and low-resolution inputs; `_encode_group` codes the model's tables directly). Returns
+        the symbols (int64, on the CPU) and 0.0 for their bits, as `Code` asks (nothing reads
+        them here)."""
+        if self.encode and (symbols is None or freqs is not None):
+            raise ValueError("encoding codes given symbols under the uniform distribution")
         if freqs is None:
             model, tables = self.constriction.stream.model.Uniform(k), None
         else:
             model = self.constriction.stream.model.Categorical(perfect=False)
-            freqs = freqs.cpu()
-            tables = freqs.numpy().astype(np.float64)  # integers < 2^24: exact
+            tables = freqs.cpu().numpy().astype(np.float64)  # integers < 2^24: exact
         array = np.empty((self.n, *shape), dtype=np.int64)
         if symbols is not None:
             array = symbols.cpu().numpy().astype(np.int64).reshape(array.shape)
         for rows, coder in zip(self.rows, self.coders, strict=True):
             if self.encode:
-                extra = () if tables is None else (tables[rows],)
-                coder.encode(array[rows].reshape(-1).astype(np.int32), model, *extra)
+                coder.encode(array[rows].reshape(-1).astype(np.int32), model)
             else:
                 given = array[rows].size if tables is None else tables[rows]
                 array[rows] = coder.decode(model, given).reshape(array[rows].shape)
-        symbols = torch.from_numpy(array)
-        if not self.encode:
-            return symbols, 0.0
-        if tables is None:
-            return symbols, torch.full((self.n,), math.prod(shape) * math.log2(k))
-        return symbols, symbol_bits(freqs, symbols)
+        return torch.from_numpy(array), 0.0
 
 
 @torch.inference_mode()  # no autograd bookkeeping: 7-10% of decoding
