@@ -302,7 +302,11 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # mm, then the bias in place: addmm first copies the bias into every row
-        product = torch.mm(x.reshape(-1, x.shape[-1]), self.weight_t).view(*x.shape[:-1], -1)
+        if x.dim() == 2:  # a decoding step: no reshapes (each a dispatch)
+            product = torch.mm(x, self.weight_t)
+        else:
+            product = torch.mm(x.reshape(-1, x.shape[-1]), self.weight_t)
+            product = product.view(*x.shape[:-1], -1)
         return product.add_(self.bias).mul_(self.scale).round_().clamp_(self.lo, self.hi)
 
 
@@ -395,15 +399,17 @@ class Attention:
 
     def attend(self, q, keys, values, mask: torch.Tensor | None) -> torch.Tensor:
         """Queries [b, h, n, dh] over keys and values [b, h, m, dh]; `mask` [n or 1, m] 0 or
-        -inf (None: all keys) -> [b, h, n, dh]."""
-        z = torch.matmul(q, keys.transpose(-1, -2))  # [b, h, n, m]: exact, < 2^53
+        -inf (None: all keys) -> [b, h, n, dh]. Or each [b h, ...]: `bmm` without `matmul`'s
+        reshapes (a decoding step)."""
+        product = torch.bmm if q.dim() == 3 else torch.matmul
+        z = product(q, keys.transpose(-1, -2))  # [b, h, n, m]: exact, < 2^53
         if mask is not None:
             z = z.add_(mask)
         below = (z.amax(-1, keepdim=True) - z).mul_(self.scores).clamp_(max=self.cap)
         index = below.int()  # at most the cap: int32 converts and gathers faster than int64
         # < 2^20; keys not admitted (and far below): 0. index_select: 3x faster than [index]
         e = self.table.index_select(0, index.view(-1)).view(index.shape)
-        num = torch.matmul(e, values)  # exact, < 2^53
+        num = product(e, values)  # exact, < 2^53
         return num.div_(e.sum(-1, keepdim=True)).round_()  # the top key's weight: >= 2^20
 
     def step(self, x: torch.Tensor, step: int, cache: torch.Tensor, window: KeyWindow):
@@ -421,10 +427,10 @@ class Attention:
         held = cache.narrow(0, window.start, window.length)  # [L, 2, b, h, dh]
         if held.dtype != torch.float64:  # int16: widened; float64: read in place
             held = held.double()
-        keys, values = held.permute(1, 2, 3, 0, 4).unbind(0)  # [b, h, L, dh] each
+        keys, values = held.permute(1, 2, 3, 0, 4).flatten(1, 2).unbind(0)  # [b h, L, dh]
         mask = None if window.reads_all else window.mask
-        o = self.attend(qkv[:, 0, :, None], keys, values, mask)
-        return self.out(o.reshape(x.shape[0], -1))
+        o = self.attend(qkv[:, 0].reshape(-1, 1, qkv.shape[-1]), keys, values, mask)
+        return self.out(o.view(x.shape[0], -1))
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
