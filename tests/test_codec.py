@@ -26,11 +26,14 @@ from imagetransformer.data import load_dataset
 from imagetransformer.evaluation import classify
 from imagetransformer.files import WriteError
 from imagetransformer.tools.codec import (
+    FINGERPRINT_BYTES,
     best_labels,
+    cache_path,
     compress,
     decompress,
     png_bytes,
     quantized,
+    quantized_for_file,
     read_header,
 )
 from imagetransformer.tools.integer_model import IntegerModel, quantize
@@ -417,6 +420,31 @@ def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_p
     assert main(["decompress", str(copy), str(packed), "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and cached[0].name in err[0] and "copy that file" in err[0]
+
+
+def test_files_naming_the_older_model_name_decode_and_new_files_take_the_new(run, digits, tmp_path):
+    """A file coded by a model cached under its older name (the whole config) decodes with that
+    cached model, and without it from the run's weights alone; compressing again caches the
+    model under its current name, which new files carry."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("codec-*", "checkpoint*"))
+    integer = quantized(copy, torch.device("cpu"), note=lambda _: None)
+    current = cache_path(copy, integer.fingerprint)
+    source = IntegerModel.read_source(current)[1]
+    older = IntegerModel(integer.config, integer.store, config_json=integer.config_json)
+    older.take_name(integer.older_fingerprint)
+    current.unlink()
+    older.save(cache_path(copy, older.fingerprint), source)  # as an earlier release cached it
+    packed = compress(quantized(copy, torch.device("cpu"), note=lambda _: None), digits[:4]).data
+    renamed = integer.fingerprint[:FINGERPRINT_BYTES]  # the new file names the current name
+    assert read_header(packed).fingerprint == renamed
+    assert current.is_file()
+    packed_older = compress(older, digits[:4]).data
+    for path in copy.glob("codec-*.safetensors"):
+        path.unlink()  # only the run's weights are left
+    for data in (packed_older, packed):
+        model = quantized_for_file(copy, read_header(data), "the file", torch.device("cpu"))
+        assert torch.equal(decompress(model, data), digits[:4])
 
 
 def test_a_run_folder_that_cannot_be_written_still_compresses(

@@ -221,19 +221,41 @@ def test_class_conditional_models_need_labels():
         integer.bits(_images())
 
 
-def test_a_saved_model_keeps_its_name_when_a_later_release_adds_config_fields(tmp_path):
-    """The fingerprint covers the config as written when the model was made: a release that
-    reads it with more (defaulted) fields still finds the same name, so its files decode."""
+def test_a_config_field_at_its_default_leaves_the_name_as_it_was(tmp_path):
+    """The fingerprint covers the config's fields that differ from their defaults: a model
+    written before a (defaulted) field existed and the same model now have one name, so a
+    later release remakes the name of the files it coded; a field off its default changes it."""
     model = ImageTransformer(tiny_config("local_1d")).eval()
     integer = quantize(model, _images())
     written = json.loads(integer.config_json)
-    del written["above_signal"]  # as a release before that option wrote it
+    del written["above_signal"], written["class_scale"]  # as releases before them wrote it
     older = IntegerModel(integer.config, integer.store, config_json=json.dumps(written))
+    assert older.fingerprint == integer.fingerprint
+    written["dropout"] = 0.25
+    other = IntegerModel(integer.config, integer.store, config_json=json.dumps(written))
+    assert other.fingerprint != integer.fingerprint
+
+
+def test_a_model_saved_under_its_older_name_keeps_it(tmp_path):
+    """Models cached before the name left out defaulted fields carry the name over the whole
+    config: loading accepts it and keeps it (the files they coded name it), and a damaged one
+    is still refused."""
+    model = ImageTransformer(tiny_config("local_1d")).eval()
+    integer = quantize(model, _images())
+    older = IntegerModel(integer.config, integer.store, config_json=integer.config_json)
+    assert older.take_name(integer.older_fingerprint[:8])
+    assert older.fingerprint == integer.older_fingerprint != integer.fingerprint
     path = tmp_path / "older.safetensors"
     older.save(path)
     loaded = IntegerModel.load(path)
-    assert loaded.fingerprint == older.fingerprint != integer.fingerprint
+    assert loaded.fingerprint == integer.older_fingerprint
+    assert not loaded.take_name(b"\x00" * 8)
     assert torch.equal(loaded.bits(_images()), integer.bits(_images()))
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged"):
+        IntegerModel.load(path)
 
 
 def test_an_integer_model_of_another_format_is_refused_by_name(tmp_path, monkeypatch):

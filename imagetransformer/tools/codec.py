@@ -548,6 +548,22 @@ def calibration_images(run_dir: str | Path, model: ImageTransformer):
     return model.sample(16, labels=labels, generator=generator).cpu(), labels
 
 
+def _cached(run_dir: str | Path, source: str, device: torch.device) -> IntegerModel | None:
+    """The integer model cached in the run folder that was made from the weights `source`,
+    under its current name (one cached under its older name is renamed), or None."""
+    for path in sorted(Path(run_dir).glob(CACHE_PATTERN)):
+        try:
+            if IntegerModel.read_source(path)[1] != source:
+                continue
+            integer = IntegerModel.load(path, device)
+        except UserError:
+            continue
+        if integer.fingerprint == integer.older_fingerprint:  # the same model, its new name
+            integer = IntegerModel(integer.config, integer.store, device, integer.config_json)
+        return integer
+    return None
+
+
 def quantized(
     run_dir: str | Path,
     device: torch.device,
@@ -558,20 +574,20 @@ def quantized(
     from these weights, else made now (calibrated on a few training images) and cached."""
     model = load() if load else open_model(run_dir, torch.device("cpu"))
     source = fingerprint(model).hex()
-    for path in sorted(Path(run_dir).glob(CACHE_PATTERN)):
-        try:
-            if IntegerModel.read_source(path)[1] == source:
-                return IntegerModel.load(path, device)
-        except UserError:
-            continue
-    integer = quantize(model, *calibration_images(run_dir, model))
+    integer = _cached(run_dir, source, device)
+    if integer is not None and cache_path(run_dir, integer.fingerprint).is_file():
+        return integer
+    made = integer is None  # else cached only under its older name: saved under the new one
+    if integer is None:
+        integer = quantize(model, *calibration_images(run_dir, model))
     path = cache_path(run_dir, integer.fingerprint)
     try:
         integer.save(path, source)
     except WriteError as err:
         note(f"note: the integer model is not cached ({err}); decompress makes it again")
     else:
-        note(f"made the integer model of {run_dir} for exact coding: {path} (once per weights)")
+        if made:
+            note(f"made the integer model of {run_dir} for exact coding: {path} (once per weights)")
     return integer.to(device)
 
 
@@ -584,7 +600,7 @@ def quantized_for_file(
     if path.is_file():
         return IntegerModel.load(path, device)
     integer = quantized(run_dir, device, note=lambda _: None)
-    if integer.fingerprint[:FINGERPRINT_BYTES] != header.fingerprint:
+    if not integer.take_name(header.fingerprint):  # its name, or its name before (older files)
         raise UserError(
             f"{source} was made with the integer model {header.fingerprint.hex()} "
             f"({path.name}), which {run_dir} does not hold: copy that file from the run folder "

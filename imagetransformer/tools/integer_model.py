@@ -187,6 +187,17 @@ def pow2_scale(max_abs: float, qmax: int) -> float:
 
 
 # The store: named integers and constants -----------------------------------------------------
+def canonical_config(config_json: str) -> str:
+    """The config's fields that differ from their defaults (sorted, compact JSON): what the
+    fingerprint covers. A later release that adds a field, at a default that keeps models as
+    they were, then gives a model remade from the same weights the same name, so the files it
+    coded still decode without the cached model."""
+    defaults = json.loads(ImageTransformerConfig().to_json())
+    fields = json.loads(config_json)
+    kept = {k: v for k, v in fields.items() if k not in defaults or v != defaults[k]}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass
 class Store:
     """What an integer model is made of: int64 tensors (weights, tables), float64 tensors (the
@@ -884,10 +895,28 @@ class IntegerModel:
     # identity and files
     @property
     def fingerprint(self) -> bytes:
-        """SHA-256 of the config, the integers and every table: what a file names."""
+        """SHA-256 of the config's fields that differ from their defaults
+        (`canonical_config`), the integers and every table: what a file names. A model loaded
+        under its older name (`older_fingerprint`) keeps it."""
         if self._fingerprint is None:
-            self._fingerprint = self.store.fingerprint(self.config_json)
+            self._fingerprint = self.store.fingerprint(canonical_config(self.config_json))
         return self._fingerprint
+
+    @property
+    def older_fingerprint(self) -> bytes:
+        """The name releases before `canonical_config` gave the same model: over the config
+        exactly as written, every field included."""
+        return self.store.fingerprint(self.config_json)
+
+    def take_name(self, prefix: bytes) -> bool:
+        """Whether a file that names its model by `prefix` (the first bytes of a fingerprint)
+        names this one, by its name or its older one; if by the older, the model takes it."""
+        if self.fingerprint.startswith(prefix):
+            return True
+        if self.older_fingerprint.startswith(prefix):
+            self._fingerprint = self.older_fingerprint
+            return True
+        return False
 
     def to(self, device: torch.device | str) -> IntegerModel:
         return IntegerModel(self.config, self.store, device, self.config_json)
@@ -941,7 +970,11 @@ class IntegerModel:
                 "delete it and compress again to make it anew"
             ) from None
         model = cls(config, store, device, metadata["config"])
-        if model.fingerprint.hex() != metadata.get("fingerprint"):
+        try:
+            named = bytes.fromhex(str(metadata.get("fingerprint", "")))
+        except ValueError:
+            named = b""
+        if len(named) != hashlib.sha256().digest_size or not model.take_name(named):
             raise UserError(
                 f"{path} is damaged (its contents do not match its fingerprint); delete it"
             )
