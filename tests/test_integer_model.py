@@ -249,6 +249,7 @@ def test_a_model_saved_under_its_older_name_keeps_it(tmp_path):
     older.save(path)
     loaded = IntegerModel.load(path)
     assert loaded.fingerprint == integer.older_fingerprint
+    assert loaded.to("cpu").fingerprint == integer.older_fingerprint  # moved, still named so
     assert not loaded.take_name(b"\x00" * 8)
     assert torch.equal(loaded.bits(_images()), integer.bits(_images()))
     data = bytearray(path.read_bytes())

@@ -296,8 +296,8 @@ class Linear:
         store.put_int(f"{name}.hi", hi)
 
     def __init__(self, store: Store, name: str, device: torch.device) -> None:
-        self.weight = store.values(f"{name}.weight", device)
-        self.weight_t = self.weight.t().contiguous()  # [in, out]: what `mm` reads fastest
+        # [in, out], contiguous: what `mm` reads fastest
+        self.weight_t = store.values(f"{name}.weight", device).t().contiguous()
         self.bias = store.values(f"{name}.bias", device)
         self.scale = store.get(f"{name}.scale", device)
         self.lo, self.hi = store.ints[f"{name}.lo"], store.ints[f"{name}.hi"]
@@ -306,10 +306,13 @@ class Linear:
         """The layer of some of the outputs (the query, or the keys and values, of a stacked
         projection)."""
         other = object.__new__(Linear)
-        other.weight, other.bias = self.weight[part], self.bias[part]
-        other.weight_t = other.weight.t().contiguous()
+        other.weight_t, other.bias = self.weight_t[:, part].contiguous(), self.bias[part]
         other.scale, other.lo, other.hi = self.scale[part], self.lo, self.hi
         return other
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_t.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # mm, then the bias in place: addmm first copies the bias into every row
@@ -392,7 +395,7 @@ class Attention:
     def __init__(self, store: Store, name: str, device: torch.device, heads: int) -> None:
         self.heads = heads
         self.qkv = Linear(store, f"{name}.qkv", device)
-        d = self.qkv.weight.shape[0] // 3
+        d = self.qkv.out_features // 3
         self.q, self.kv = self.qkv.rows(slice(0, d)), self.qkv.rows(slice(d, 3 * d))
         self.out = Linear(store, f"{name}.out", device)
         self.scores = float(store.tensors[f"{name}.scores"][0])
@@ -919,7 +922,9 @@ class IntegerModel:
         return False
 
     def to(self, device: torch.device | str) -> IntegerModel:
-        return IntegerModel(self.config, self.store, device, self.config_json)
+        moved = IntegerModel(self.config, self.store, device, self.config_json)
+        moved._fingerprint = self._fingerprint  # an older name it took goes with it
+        return moved
 
     def to_bytes(self, source: str = "") -> bytes:
         tensors = {}
@@ -1144,7 +1149,7 @@ class IntegerModel:
         values = self.to_steps(images)
         n, steps = values.shape[:2]
         c = self.config
-        widest = max(c.ffn_size, 3 * c.d_model, self.head.weight.shape[0])
+        widest = max(c.ffn_size, 3 * c.d_model, self.head.out_features)
         per = max(1, FORWARD_VALUES // (steps * widest))  # images a pass: bounded memory
         parts = [
             self.teacher_forced(
