@@ -231,12 +231,19 @@ def frequency_digest(integer, images: torch.Tensor, batch: int) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _settings() -> list[tuple[str, str, int]]:
-    """(ATEN_CPU_CAPABILITY, threads, decoding batch size): each kernel set this CPU has."""
-    settings = [("default", "1", 1), ("avx2", "2", 7)]
+def _settings() -> list[tuple[str, str, int, dict]]:
+    """(ATEN_CPU_CAPABILITY, threads, decoding batch size, more of the environment): each torch
+    kernel set this CPU has; the compiled kernels for a generic x86-64 and for AVX2
+    (NUMBA_CPU_NAME) as well as for this CPU; MKL limited to AVX2 and to SSE4.2; and torch
+    operations throughout (IMAGETRANSFORMER_KERNELS=0)."""
+    settings = [
+        ("default", "1", 1, {"NUMBA_CPU_NAME": "generic"}),
+        ("avx2", "2", 7, {"NUMBA_CPU_NAME": "haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+        ("default", "2", 5, {"IMAGETRANSFORMER_KERNELS": "0", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}),
+    ]
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file() and "avx512f" in cpuinfo.read_text():
-        settings.append(("avx512", "1", 64))
+        settings.append(("avx512", "1", 64, {}))
     return settings
 
 
@@ -254,9 +261,10 @@ KERNEL_RUNS = {
 def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(
     case, trained, digits, tmp_path
 ):
-    """Written here (default kernels, one thread, groups of 4), decoded in fresh processes with
-    other CPU kernels (ATEN_CPU_CAPABILITY), thread counts and batch sizes: the same images, and
-    the integer model's frequency tables of every step identical (torch.equal, by SHA-256).
+    """Written here (this CPU's kernels, one thread, groups of 4), decoded in fresh processes
+    with other CPU kernels (torch's ATEN_CPU_CAPABILITY, the compiled kernels' target CPU, MKL's
+    instruction sets, or torch operations throughout), thread counts and batch sizes: the same
+    images, and the integer model's frequency tables of every step identical (by SHA-256).
     Quantizing the run there gives the same integer model (power-of-two scales)."""
     run = trained(*KERNEL_RUNS[case])
     settings = _settings() if case == "tiny" else _settings()[:1]
@@ -269,10 +277,10 @@ def test_a_file_decodes_bit_for_bit_under_other_kernels_threads_and_batches(
     itc.write_bytes(packed.data)
     torch.save(images, tmp_path / "images.pt")
     reference = frequency_digest(integer, images, 4)
-    for capability, threads, batch in settings:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=threads)
+    for capability, threads, batch, more in settings:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=threads, **more)
         env.pop("MKL_NUM_THREADS", None)  # a caller's limit would hold the child to its count
-        out = tmp_path / f"out_{capability}"
+        out = tmp_path / f"out_{capability}_{threads}_{batch}"
         command = [sys.executable, "-c", DECODE_ELSEWHERE, str(run), str(tmp_path / "images.pt")]
         command += [str(itc), str(out), str(batch)]
         done = subprocess.run(

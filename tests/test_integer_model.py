@@ -5,13 +5,16 @@ its contents."""
 from __future__ import annotations
 
 import json
+import math
+import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
 from imagetransformer import ImageTransformer, UserError
-from imagetransformer.tools import integer_model
+from imagetransformer.tools import integer_kernels, integer_model
 from imagetransformer.tools.integer_model import (
     FREQ_BITS,
     FREQ_FREE,
@@ -321,3 +324,133 @@ def test_caches_are_float64_only_where_their_windows_fit_the_cpu_cache(monkeypat
     assert cache_dtype(1 << 10, cpu) == torch.int16
     last_level_cache_bytes.cache_clear()
     assert last_level_cache_bytes() >= 0  # what this machine reports (0: nothing readable)
+
+
+# The compiled kernels against the torch operations ----------------------------------------------
+needs_kernels = pytest.mark.skipif(
+    not integer_kernels.ENABLED, reason="numba is in the codec extra"
+)
+
+
+def _both_paths(monkeypatch, compute):
+    """compute() with the compiled kernels, then with torch operations throughout."""
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(integer_kernels, "ENABLED", enabled)
+        results.append(compute())
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_kernels_code_what_the_torch_operations_code(case, monkeypatch):
+    """The kernels fuse runs of the step's operations (linear rescaling, LayerNorm, attention
+    softmax, frequencies): step by step and teacher-forced, every symbol and every frequency of
+    every model kind is the same integer as the torch path's, and every head output."""
+    _, integer, images, labels = _case_model(case)
+
+    def tables():
+        state = integer.start(len(images), labels, integer.low_res_of(images, None))
+        values = integer.to_steps(images)
+        heads = [integer.step(state, s, values[:, s - 1] if s else None) for s in range(4)]
+        stepped = list(integer.coded_tables(images, labels))
+        forced = list(integer.coding_tables(images, labels, rows=12))
+        return heads, stepped, forced
+
+    compiled, reference = _both_paths(monkeypatch, tables)
+    for ours, theirs in zip(compiled, reference, strict=True):
+        flat_ours = [t for item in ours for t in (item if isinstance(item, tuple) else (item,))]
+        flat_theirs = [t for item in theirs for t in (item if isinstance(item, tuple) else (item,))]
+        assert len(flat_ours) == len(flat_theirs) > 0
+        assert all(torch.equal(a, b) for a, b in zip(flat_ours, flat_theirs, strict=True))
+
+
+@needs_kernels
+def test_compiled_kernels_match_on_extreme_integers(monkeypatch):
+    """Random integers across the whole range each layer admits, exact halves for the
+    roundings, masked keys, rows of equal logits and logits far apart: LayerNorm, linear
+    layers, attention and both output distributions give the torch path's bits. A fused
+    multiply-add anywhere (the LayerNorm's gain and bias) would change some of them."""
+    model = ImageTransformer(tiny_config("local_1d", output="dmol", norm_first=True)).eval()
+    integer = quantize(model, _images())
+    block, g = integer.blocks[0], torch.Generator().manual_seed(3)
+    top = integer.max
+    x = torch.randint(-top, top + 1, (257, model.config.d_model), generator=g).double()
+    x[0] = top  # a row of equal values: zero variance
+    d = model.config.d_model
+    odd = torch.randint(-1000, 1000, (64, d), generator=g).double() * 2 + 1
+    q = torch.randint(-(2**15), 2**15, (8, 5, 3, 4), generator=g).double()
+    keys = torch.randint(-(2**15), 2**15, (8, 5, 7, 4), generator=g).double()
+    mask = torch.zeros(3, 7, dtype=torch.float64).masked_fill_(
+        torch.rand(3, 7, generator=g) < 0.4, -math.inf
+    )
+    mask[:, 0] = 0  # every query reads one key at least
+    width = integer.head.out_features
+    head = torch.randint(-(2**40), 2**40, (300, width), generator=g)
+    head[:100] //= 2**28  # nearer the clamps' insides
+    logits = torch.randint(-(2**30), 2**30, (50, 256), generator=g)
+    logits[0] = 7  # all equal
+    known = torch.randint(0, 256, (300, 3), generator=g)
+
+    def compute():
+        halving = block.ffn1.rows(slice(0, d))  # (odd + even) / 2: halves to round
+        halving.weight_t = torch.eye(d, dtype=torch.float64)
+        halving.bias = torch.arange(d, dtype=torch.float64) * 2
+        halving.scale = torch.full((d,), 0.5, dtype=torch.float64)
+        linear = halving(odd.clone())
+        norms = [block.norm1(x), integer.final_norm(x)]
+        attended = block.attn.attend(q, keys, keys.flip(-1), mask)
+        stepped = block.attn.attend(
+            q.flatten(0, 1)[:, :1], keys.flatten(0, 1), keys.flatten(0, 1), mask[0]
+        )
+        cat = integer_model.CategoricalCoding(integer, logits).freqs
+        coding, tables = integer_model.MixtureCoding(integer, head), []
+        for channel in range(3):
+            coding.code(
+                channel, lambda s, f: (tables.append(f.clone()), (s, f[:, 0]))[1], known[:, channel]
+            )
+        return [linear, *norms, attended, stepped, cat, *tables, coding.weights]
+
+    compiled, reference = _both_paths(monkeypatch, compute)
+    for ours, theirs in zip(compiled, reference, strict=True):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+def test_square_roots_are_correctly_rounded():
+    """The LayerNorm's square root is IEEE-754's correctly rounded one (the same bits on every
+    machine): each lies within half a unit in the last place of the exact root. torch.sqrt on
+    the CPU is MKL's, whose last bit follows the instruction set MKL picks."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(1, 2**62, (4000,), generator=g).double() * torch.rand(
+        4000, generator=g, dtype=torch.float64
+    )
+    roots = integer_model.sqrt_rounded(x.clone())
+    for value, root in zip(x.tolist(), roots.tolist(), strict=True):
+        below = Fraction(root) + (Fraction(math.nextafter(root, 0)) - Fraction(root)) / 2
+        above = Fraction(root) + (Fraction(math.nextafter(root, math.inf)) - Fraction(root)) / 2
+        assert below * below <= Fraction(value) <= above * above
+
+
+@needs_kernels
+def test_kernels_compile_without_fused_multiply_adds(monkeypatch):
+    """Each kernel, compiled afresh for this CPU (the cached code cannot be inspected), has no
+    fused multiply-add in its machine code and no fast-math flag: each float64 operation is
+    rounded on its own, as torch and every other CPU round it. (Rounded integers seldom show a
+    one-ulp difference, so comparing results alone would not find one.)"""
+    numba = pytest.importorskip("numba")
+    test_compiled_kernels_match_on_extreme_integers(monkeypatch)  # every kernel compiled
+    fused = re.compile(r"\bv?f(n?m(add|sub)|madd)\w*", re.IGNORECASE)
+    checked = 0
+    for name in dir(integer_kernels):
+        kernel = getattr(integer_kernels, name)
+        if not isinstance(kernel, numba.core.registry.CPUDispatcher):
+            continue
+        assert not kernel.targetoptions.get("fastmath"), name
+        fresh = numba.njit(nogil=True)(kernel.py_func)
+        for signature in kernel.signatures:
+            fresh.compile(signature)
+            assert not fused.search(fresh.inspect_asm(signature)), name
+            llvm = fresh.inspect_llvm(signature)
+            assert not re.search(r"\bf(add|sub|mul|div) (fast|contract|reassoc)", llvm), name
+            checked += 1
+    assert checked >= 8

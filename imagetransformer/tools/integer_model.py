@@ -76,6 +76,7 @@ from ..model import (
 )
 from ..outputs import LOG_SCALE_MIN, output_distribution
 from ..pattern import AttentionPattern
+from . import integer_kernels as kernels
 
 FORMAT = "imagetransformer integer model 2"
 EXACT = 2**53  # float64 holds every integer of smaller magnitude exactly
@@ -115,6 +116,21 @@ MIX_BITS = 24  # mixture weights renormalised to about 2^24
 def rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
     """x / 2^shift rounded (halves up), in integers."""
     return (x + (1 << (shift - 1))) >> shift if shift > 0 else x
+
+
+def sqrt_rounded(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root of float64 `x`, the same bits on every machine. Not
+    `torch.sqrt` on the CPU: it calls MKL's vector library, whose last bit depends on the
+    instruction set MKL picks (AVX-512 and AVX2 gave different roots for 1% of random
+    inputs); numpy's is IEEE-754's correctly rounded one, as CUDA's float64 sqrt is."""
+    if x.device.type != "cpu":
+        return torch.sqrt(x)
+    return torch.from_numpy(np.sqrt(x.numpy()))
+
+
+def host(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory (what the compiled kernels take)."""
+    return tensor.numpy()
 
 
 def exp2_neg(t: torch.Tensor, table: torch.Tensor, frac: int) -> torch.Tensor:
@@ -163,13 +179,18 @@ def symbol_bits(freqs: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
     return FREQ_BITS - torch.log2((picked + 1).double())
 
 
+def shift_for(bound_bits: int) -> int:
+    """The shift of weights below 2^bound_bits that makes weight * 2^24 < 2^62."""
+    return max(0, bound_bits + FREQ_BITS - 62)
+
+
 def frequencies(weights: torch.Tensor, bound_bits: int) -> torch.Tensor:
     """Integer frequencies [..., k] summing to `free_units(k)`, proportional to non-negative
     int64 `weights` [..., k] whose rows sum to less than 2^bound_bits. What rounding leaves
     over goes to the first of the largest weights. A row of zeros (a range of values no
     component gives mass) gets the uniform table."""
     free = free_units(weights.shape[-1])
-    weights = weights >> max(0, bound_bits + FREQ_BITS - 62)  # so that w * free < 2^62
+    weights = weights >> shift_for(bound_bits)
     total = weights.sum(-1, keepdim=True)
     freqs = torch.div(weights * free, total.clamp(min=1), rounding_mode="floor")
     freqs = torch.where(total > 0, freqs, free // weights.shape[-1])  # nothing known: uniform
@@ -321,6 +342,10 @@ class Linear:
         else:
             product = torch.mm(x.reshape(-1, x.shape[-1]), self.weight_t)
             product = product.view(*x.shape[:-1], -1)
+        if kernels.on(product):  # one pass: the same four operations element by element
+            rows = host(product.view(-1, product.shape[-1]))
+            kernels.rescale(rows, host(self.bias), host(self.scale), self.lo, self.hi)
+            return product
         return product.add_(self.bias).mul_(self.scale).round_().clamp_(self.lo, self.hi)
 
 
@@ -348,10 +373,16 @@ class LayerNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
+        if kernels.on(x) and x.is_contiguous():  # one pass, the same operations
+            out = torch.empty_like(x)
+            eps = float(self.eps[0])
+            rows, into = host(x.view(-1, d)), host(out.view(-1, d))
+            kernels.layer_norm(rows, host(self.gain), host(self.bias), eps, self.max, into)
+            return out
         total = x.sum(-1, keepdim=True)
         squares = (x * x).sum(-1, keepdim=True)
         spread = (squares * d).sub_(total * total).clamp_(min=0).add_(self.eps)  # d^2 (var+eps)
-        inverse = spread.sqrt_().reciprocal_().mul_(d)  # 1 / sqrt(var + eps)
+        inverse = sqrt_rounded(spread).reciprocal_().mul_(d)  # 1 / sqrt(var + eps)
         centred = x - total * (1.0 / d)
         normalised = centred.mul_(inverse).mul_(self.gain).add_(self.bias)
         return normalised.round_().clamp_(-self.max, self.max)
@@ -401,6 +432,7 @@ class Attention:
         self.scores = float(store.tensors[f"{name}.scores"][0])
         self.cap = (ATT_BITS + 1) << ATT_FRAC
         self.table = store.values("exp2_attention", device)
+        self.no_mask = torch.zeros(0, 0, dtype=torch.float64)  # the kernel's "no mask"
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n, d] -> [..., h, n, dh]"""
@@ -417,6 +449,17 @@ class Attention:
         reshapes (a decoding step)."""
         product = torch.bmm if q.dim() == 3 else torch.matmul
         z = product(q, keys.transpose(-1, -2))  # [b, h, n, m]: exact, < 2^53
+        if kernels.on(z):  # the operations below in two passes
+            m = z.shape[-1]
+            masks = self.no_mask if mask is None else mask.view(-1, m)
+            e, totals = torch.empty_like(z), z.new_empty(z.shape[:-1])
+            kernels.table_softmax(
+                host(z.view(-1, m)), host(masks), self.scores, self.cap, host(self.table),
+                host(e.view(-1, m)), host(totals.view(-1)),
+            )  # fmt: skip
+            num = product(e, values)
+            kernels.divide_round(host(num.view(-1, num.shape[-1])), host(totals.view(-1)))
+            return num
         if mask is not None:
             z = z.add_(mask)
         below = (z.amax(-1, keepdim=True) - z).mul_(self.scores).clamp_(max=self.cap)
@@ -603,6 +646,14 @@ class CategoricalCoding:
         if outside is not None:  # low_res_bounds: values out of reach get no weight (their
             # distance below the top is at least the table's cap, whose 2^(-t) is 0)
             head = head.masked_fill(outside, head.min() - ((OUT_BITS + 1) << OUT_FRAC))
+        if kernels.on(head):  # the same integers in one pass
+            self.freqs = torch.empty(head.shape, dtype=torch.long)
+            kernels.categorical(
+                host(head.contiguous()), host(model.exp2_output), OUT_FRAC,
+                (OUT_BITS + 1) << OUT_FRAC, shift_for(OUT_BITS + 9), free_units(head.shape[1]),
+                host(self.freqs),
+            )  # fmt: skip
+            return
         weights = softmax_weights(head, model.exp2_output)
         self.freqs = frequencies(weights, OUT_BITS + 9)
 
@@ -635,6 +686,23 @@ class MixtureCoding:
         k, c = model.num_mixtures, model.channels
         self.channels = c
         n = head.shape[0]
+        self.x = torch.zeros(n, c, dtype=torch.long, device=head.device)  # 2^-16
+        self.compiled = kernels.on(head)
+        if self.compiled:  # the same integers in one pass (`kernels.mixture_start`)
+            self.locs = torch.empty(n, k, c, dtype=torch.long)
+            self.inv_scales = torch.empty(n, k, c, dtype=torch.long)
+            self.coeffs = torch.empty(n, k, max(1, c * (c - 1) // 2), dtype=torch.long)
+            self.weights = torch.empty(n, k, dtype=torch.long)
+            clamps = np.array(
+                [LOC_MAX, LS_LO << LS_FRAC, LS_HI << LS_FRAC, COEF_RANGE << COEF_IN_FRAC]
+            )
+            kernels.mixture_start(
+                host(head.contiguous()), k, c, clamps, host(model.inverse_scale),
+                host(model.tanh), host(model.exp2_output), OUT_FRAC,
+                (OUT_BITS + 1) << OUT_FRAC, MIX_BITS, host(self.locs), host(self.inv_scales),
+                host(self.coeffs), host(self.weights),
+            )  # fmt: skip
+            return
         locs = head[:, k : k + k * c].view(n, k, c)
         self.locs = locs.clamp(-LOC_MAX, LOC_MAX)
         log_scales = head[:, k + k * c : k + 2 * k * c].view(n, k, c)
@@ -644,7 +712,6 @@ class MixtureCoding:
         raw = raw.clamp(-COEF_RANGE << COEF_IN_FRAC, COEF_RANGE << COEF_IN_FRAC)
         self.coeffs = model.tanh[raw + (COEF_RANGE << COEF_IN_FRAC)]  # 2^-16
         self.weights = renormalise(softmax_weights(head[:, :k], model.exp2_output))
-        self.x = torch.zeros(n, c, dtype=torch.long, device=head.device)  # 2^-16
 
     def mean(self, channel: int) -> torch.Tensor:
         """[n, K]: each component's mean of channel `channel`, coupled to the earlier ones."""
@@ -675,6 +742,8 @@ class MixtureCoding:
         the two symbols' probabilities multiply to the value's (bar rounding). Then the
         components are weighed by their mass of it (plus one, so that no value leaves all of
         them at zero), and the later channels coupled to it."""
+        if self.compiled:
+            return self._code_compiled(channel, code, known)
         model, device = self.model, self.weights.device
         mean, inverse = self.mean(channel), self.inv_scales[..., channel].unsqueeze(-1)
         coarse = self.mixed(self.component_masses(mean, inverse, model.range_edges))
@@ -690,6 +759,36 @@ class MixtureCoding:
         mass = masses.gather(-1, index).squeeze(-1)
         self.weights = renormalise(self.weights * (mass + 1))
         self.x[:, channel] = model.unit_values.index_select(0, values)
+        return values, high_bits + low_bits
+
+    def _code_compiled(self, channel: int, code: Code, known: torch.Tensor | None):
+        """`code` in three kernels: the ranges' table, their values' table, the weights."""
+        model, n = self.model, self.weights.shape[0]
+        masses = torch.empty(n, self.weights.shape[1], 16, dtype=torch.long)
+        cdf = (
+            host(model.sigmoid), host(model.sigmoid_slope), SIG_RANGE << U_FRAC,
+            U_FRAC - SIG_STEP, U_FRAC - SIG_STEP - 16, shift_for(MIX_BITS + 1 + CDF_BITS),
+            free_units(16),
+        )  # fmt: skip
+        state = (host(self.locs), host(self.inv_scales), host(self.coeffs), host(self.x))
+        weights, edges = host(self.weights), host(model.bound_edges)
+
+        def table(high: np.ndarray | None) -> torch.Tensor:
+            freqs = torch.empty(n, 16, dtype=torch.long)
+            kernels.mixture_tables(
+                *state, weights, channel, COEF_FRAC, edges, high, cdf, host(masses), host(freqs)
+            )
+            return freqs
+
+        high, high_bits = code(None if known is None else known >> 4, table(None))
+        high = high.to(torch.long).contiguous()
+        low, low_bits = code(None if known is None else known & 15, table(host(high)))
+        low = low.to(torch.long).contiguous()
+        values = torch.empty(n, dtype=torch.long)
+        kernels.mixture_update(
+            host(masses), host(high), host(low), weights, host(self.x), channel,
+            host(model.unit_values), MIX_BITS, host(values),
+        )  # fmt: skip
         return values, high_bits + low_bits
 
 
