@@ -24,7 +24,9 @@ data compression with latent-variable models", ICLR 2019):
   exactly (f_x + 1) / 2^24 (see `free_units`).
 
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
-linear layer, where int64 arithmetic took ten operations. Every decoding step reads the whole
+linear layer, where int64 arithmetic took ten operations. On the CPU the elementwise runs and the
+coding tables go through compiled kernels (`integer_kernels`) that do the same operations in one
+pass each. Every decoding step reads the whole
 window of cached keys and values (16-bit integers) for its products. Where those windows, as
 float64, fit well within the CPU's last-level cache, the caches are float64 and the products
 read them in place; where they do not, they are int16, a quarter of the bytes, widened to float64
