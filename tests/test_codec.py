@@ -231,14 +231,17 @@ def frequency_digest(integer, images: torch.Tensor, batch: int) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+LIMITED_TO_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def _settings() -> list[tuple[str, str, int, dict]]:
     """(ATEN_CPU_CAPABILITY, threads, decoding batch size, more of the environment): each torch
     kernel set this CPU has; the compiled kernels for a generic x86-64 and for AVX2
-    (NUMBA_CPU_NAME) as well as for this CPU; MKL limited to AVX2 and to SSE4.2; and torch
-    operations throughout (IMAGETRANSFORMER_KERNELS=0)."""
+    (NUMBA_CPU_NAME) as well as for this CPU; MKL and oneDNN limited to AVX2, MKL to SSE4.2;
+    and torch operations throughout (IMAGETRANSFORMER_KERNELS=0)."""
     settings = [
         ("default", "1", 1, {"NUMBA_CPU_NAME": "generic"}),
-        ("avx2", "2", 7, {"NUMBA_CPU_NAME": "haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+        ("avx2", "2", 7, {"NUMBA_CPU_NAME": "haswell", **LIMITED_TO_AVX2}),
         ("default", "2", 5, {"IMAGETRANSFORMER_KERNELS": "0", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}),
     ]
     cpuinfo = Path("/proc/cpuinfo")
