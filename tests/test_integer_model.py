@@ -92,6 +92,7 @@ CASES["cat grey super-resolution low_res_bounds low_res_remainder"] = (
         low_res_remainder=True,
     ),
 )
+CASES["dmol grey local_2d"] = ("local_2d", dict(output="dmol", image_shape=(1, 4, 6)))
 CASES["dmol super-resolution low_res_remainder"] = (
     "local_1d",
     dict(output="dmol", **{**SUPERRES, "low_res_remainder": True}),

@@ -24,15 +24,14 @@ data compression with latent-variable models", ICLR 2019):
   exactly (f_x + 1) / 2^24 (see `free_units`).
 
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
-linear layer, where int64 arithmetic took ten operations. On the CPU the elementwise runs and the
-coding tables go through compiled kernels (`integer_kernels`) that do the same operations in one
-pass each. Every decoding step reads the whole
-window of cached keys and values (16-bit integers) for its products. Where those windows, as
-float64, fit well within the CPU's last-level cache, the caches are float64 and the products
-read them in place; where they do not, they are int16, a quarter of the bytes, widened to float64
-each step (`cache_dtype`). Either gives the same results; only the speed differs (int16 was
-about twice as fast on an AMD EPYC with 32 MiB of L3, float64 1.2x as fast on an Intel Xeon with
-480 MiB).
+linear layer, where int64 arithmetic took ten operations. On the CPU the elementwise runs and
+the coding tables go through compiled kernels (`integer_kernels`) that do the same operations in
+one pass each. Every decoding step reads the whole window of cached keys and values (16-bit
+integers) for its products. Where those windows, as float64, fit well within the CPU's
+last-level cache, the caches are float64 and the products read them in place; where they do not,
+they are int16, a quarter of the bytes, widened to float64 each step (`cache_dtype`). Either
+gives the same results; only the speed differs (int16 decoded 1.1x as fast on an AMD EPYC with
+32 MiB of L3, float64 1.2x as fast on an Intel Xeon with 480 MiB).
 
 The weights, tables and rescaling constants are kept as named int64 and float64 tensors
 (`Store`): the same object is made by `quantize` and read back by `IntegerModel.load`, and its
@@ -123,8 +122,9 @@ def rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
 def sqrt_rounded(x: torch.Tensor) -> torch.Tensor:
     """The correctly rounded square root of float64 `x`, the same bits on every machine. Not
     `torch.sqrt` on the CPU: it calls MKL's vector library, whose last bit depends on the
-    instruction set MKL picks (AVX-512 and AVX2 gave different roots for 1% of random
-    inputs); numpy's is IEEE-754's correctly rounded one, as CUDA's float64 sqrt is."""
+    instruction set MKL picks (0.7% of random inputs off the correctly rounded root with its
+    AVX-512 code, 1.5% with AVX2); numpy's is IEEE-754's correctly rounded one, as CUDA's
+    float64 sqrt is."""
     if x.device.type != "cpu":
         return torch.sqrt(x)
     return torch.from_numpy(np.sqrt(x.numpy()))
