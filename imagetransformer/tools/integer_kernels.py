@@ -239,3 +239,55 @@ def mixture_update(masses, high, low, weights, x, channel, unit_values, mix_bits
         renormalise_row(weights[i], mix_bits)
         values[i] = high[i] * 16 + low[i]
         x[i, channel] = unit_values[values[i]]
+
+
+# Attention over int16 caches ----------------------------------------------------------------------
+def _jit_exact_sums(function):
+    """Compiled for products and sums of integers only, whose every partial sum is an integer
+    below 2^53: exact in any order, so the additions may be reordered (`reassoc`: vectorised)
+    and the rows run on several threads; still no fused multiply-add (no `contract`)."""
+    if numba is None:  # pragma: no cover
+        return function
+    return numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc"})(function)
+
+
+def in_parallel(kernel, *args) -> None:
+    """Run a parallel kernel on as many threads as torch uses, and leave torch's count as it
+    was. numba's `omp` threading layer shares OpenMP's threads with torch (awake after torch's
+    operations, so fast: numba's own `workqueue` pool took 1.5x as long to decode the digits),
+    and starting it sets OpenMP's thread count to the number of cores."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@_jit_exact_sums
+def cached_scores(q, cache, start, length, z):
+    """z [b h, length] = q [b h, dh] . keys of the ring buffer `cache` [slots, 2, b, h, dh]
+    (int16) at slots start..start + length: `bmm` of the widened window, without widening."""
+    h, dh = cache.shape[3], cache.shape[4]
+    for row in numba.prange(q.shape[0]):
+        image, head = row // h, row % h
+        for slot in range(length):
+            acc = 0.0
+            for j in range(dh):
+                acc += q[row, j] * cache[start + slot, 0, image, head, j]
+            z[row, slot] = acc
+
+
+@_jit_exact_sums
+def cached_values(e, cache, start, num):
+    """num [b h, dh] = e [b h, length] . the values of `cache` at slots start..start + length:
+    the weighted values' `bmm` of `Attention.attend` (its division: `divide_round`)."""
+    length = e.shape[1]
+    h, dh = cache.shape[3], cache.shape[4]
+    for row in numba.prange(e.shape[0]):
+        image, head = row // h, row % h
+        for j in range(dh):
+            num[row, j] = 0.0
+        for slot in range(length):
+            weight = e[row, slot]
+            for j in range(dh):
+                num[row, j] += weight * cache[start + slot, 1, image, head, j]

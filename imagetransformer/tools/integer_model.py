@@ -160,11 +160,13 @@ def last_level_cache_bytes() -> int:
 
 def cache_dtype(window_bytes: int, device: torch.device) -> torch.dtype:
     """The dtype of the decoding caches (keys and values: 16-bit integers, exact in either):
-    float64 where `window_bytes`, what one step reads of all of them as float64, fits in a
-    quarter of the CPU's last-level cache; int16 elsewhere (and on other devices). A speed
-    choice only: the results are the same."""
-    if device.type == "cpu" and 4 * window_bytes <= last_level_cache_bytes():
-        return torch.float64
+    int16 where the compiled kernels read them in place (CPUs with numba) and on other devices;
+    on a CPU without the kernels, float64 where `window_bytes`, what one step reads of all of
+    them as float64, fits in a quarter of the CPU's last-level cache (torch's products then
+    read them in place, where int16 windows are widened each step). A speed choice only: the
+    results are the same."""
+    if device.type == "cpu" and not kernels.ENABLED:
+        return torch.float64 if 4 * window_bytes <= last_level_cache_bytes() else torch.int16
     return torch.int16
 
 
@@ -475,19 +477,36 @@ class Attention:
         """x [b, d] at generation step `step`: its key and value go into the doubled ring
         buffer `cache` [2 span, 2, b, h, dh] (at slot and slot + span; float64 or int16, see
         `cache_dtype`), and its query reads the window of the newest keys that holds every key
-        the step may read, widened to float64. Slots first: a step writes two contiguous
-        blocks and reads one, where slots inside scattered its writes over every image and
-        head."""
+        the step may read: int16 caches in place by the compiled kernels on the CPU (scores,
+        table softmax, weighted values: `attend`'s operations), otherwise widened to float64
+        for `attend`. Slots first: a step writes two contiguous blocks and reads one, where
+        slots inside scattered its writes over every image and head."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.heads, -1)
         span = cache.shape[0] // 2
         kv = qkv[:, 1:].transpose(0, 1)
         cache[step % span].copy_(kv)
         cache[step % span + span].copy_(kv)
+        mask = None if window.reads_all else window.mask
+        if kernels.on(cache) and cache.dtype == torch.int16:  # read in place by the kernels
+            q = qkv[:, 0].reshape(-1, qkv.shape[-1])
+            z = q.new_empty(q.shape[0], window.length)
+            kernels.in_parallel(
+                kernels.cached_scores, host(q), host(cache), window.start, window.length, host(z)
+            )
+            masks = self.no_mask if mask is None else mask.view(1, -1)
+            e, totals = torch.empty_like(z), z.new_empty(z.shape[0])
+            kernels.table_softmax(
+                host(z), host(masks), self.scores, self.cap, host(self.table), host(e),
+                host(totals),
+            )  # fmt: skip
+            o = torch.empty_like(q)
+            kernels.in_parallel(kernels.cached_values, host(e), host(cache), window.start, host(o))
+            kernels.divide_round(host(o), host(totals))
+            return self.out(o.view(x.shape[0], -1))
         held = cache.narrow(0, window.start, window.length)  # [L, 2, b, h, dh]
         if held.dtype != torch.float64:  # int16: widened; float64: read in place
             held = held.double()
         keys, values = held.permute(1, 2, 3, 0, 4).flatten(1, 2).unbind(0)  # [b h, L, dh]
-        mask = None if window.reads_all else window.mask
         o = self.attend(qkv[:, 0].reshape(-1, 1, qkv.shape[-1]), keys, values, mask)
         return self.out(o.view(x.shape[0], -1))
 
