@@ -9,10 +9,14 @@ Why the results are the same bits as the torch path on any machine:
   nearest even, min/max), correctly rounded, so the same bits on every instruction set: numba
   compiles without fast-math, so no two of them are fused into a multiply-add (tested).
 
-The decoding step's products (`mm`, `bmm`: exact) stay with torch. What is here replaces the
-runs of small operations between them (a linear layer's rescaling, the LayerNorm, the
-attention's table softmax, and the output distributions' integer frequencies), whose cost at
-decoding's small batches was dispatch, not arithmetic.
+The linear layers' products (`mm`: exact) stay with torch. What is here replaces the runs of
+small operations between them (a linear layer's rescaling, the LayerNorm, the attention's table
+softmax, and the output distributions' integer frequencies), whose cost at decoding's small
+batches was dispatch, not arithmetic, and the decoding step's attention products over int16
+caches, read in place where torch's `bmm` needed them widened to float64 first. Those two
+kernels compute only products and sums of integers whose every partial sum stays below 2^53,
+exact in any order, so they alone may reorder their additions (`reassoc`, which vectorises
+them) and run their rows on several threads.
 
 Compiled on first use (a few seconds, once per machine) and cached on disk (numba's
 `cache=True`). Where numba is not installed, on other devices, and with

@@ -24,14 +24,13 @@ data compression with latent-variable models", ICLR 2019):
   exactly (f_x + 1) / 2^24 (see `free_units`).
 
 The float64 form is for speed: one matrix product, one multiply, one rounding and one clamp per
-linear layer, where int64 arithmetic took ten operations. On the CPU the elementwise runs and
-the coding tables go through compiled kernels (`integer_kernels`) that do the same operations in
-one pass each. Every decoding step reads the whole window of cached keys and values (16-bit
-integers) for its products. Where those windows, as float64, fit well within the CPU's
-last-level cache, the caches are float64 and the products read them in place; where they do not,
-they are int16, a quarter of the bytes, widened to float64 each step (`cache_dtype`). Either
-gives the same results; only the speed differs (int16 decoded 1.1x as fast on an AMD EPYC with
-32 MiB of L3, float64 1.2x as fast on an Intel Xeon with 480 MiB).
+linear layer, where int64 arithmetic took ten operations. On the CPU the elementwise runs, the
+attention over the cached keys and values, and the coding tables go through compiled kernels
+(`integer_kernels`) that do the same operations in one pass each. The decoding caches hold the
+keys and values (16-bit integers) as int16, which the kernels read in place; without them
+(torch operations throughout) a step widens its window to float64 for `bmm`, so there the
+caches are float64 where those windows fit well within the CPU's last-level cache
+(`cache_dtype`). Either gives the same results; only the speed differs.
 
 The weights, tables and rescaling constants are kept as named int64 and float64 tensors
 (`Store`): the same object is made by `quantize` and read back by `IntegerModel.load`, and its
