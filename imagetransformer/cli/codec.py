@@ -14,16 +14,10 @@ from ..data.folder import EXTENSIONS
 from ..data.resize import check_options, pil_mode, square_resize
 from ..errors import UserError
 from ..files import atomic_write_bytes
-from ..tools.codec import (
-    best_labels,
-    compress,
-    decompress,
-    png_bytes,
-    quantized,
-    quantized_for_file,
-    read_header,
-)
 from . import common
+
+# the codec (and numba, which its integer model's kernels need) is imported by these verbs only:
+# every other command starts without it
 
 
 def add_parser(subparsers) -> None:
@@ -70,6 +64,8 @@ def add_parser(subparsers) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    from ..tools.codec import best_labels, compress, quantized
+
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     check_options(args.image_size, args.channels)
@@ -104,6 +100,8 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_decompress(args: argparse.Namespace) -> int:
+    from ..tools.codec import decompress, png_bytes, quantized_for_file, read_header
+
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     try:
@@ -123,6 +121,8 @@ def run_decompress(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from ..tools.codec import quantized
+
     integer = quantized(args.run_dir, torch.device("cpu"))
     print(f"{args.run_dir}: integer model {integer.fingerprint.hex()[:16]} is ready")
     return 0
