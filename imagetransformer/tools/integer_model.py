@@ -1270,16 +1270,20 @@ class IntegerModel:
         c = self.config
         widest = max(c.ffn_size, 3 * c.d_model, self.head.out_features)
         per = max(1, FORWARD_VALUES // (steps * widest))  # images a pass: bounded memory
-        parts = [
-            self.teacher_forced(
+        head = outside = None  # filled in place: no second copy of the passes' outputs
+        for i in range(0, n, per):
+            part_head, part_outside = self.teacher_forced(
                 images[i : i + per],
                 None if labels is None else labels[i : i + per],
                 None if low_res is None else low_res[i : i + per],
             )
-            for i in range(0, n, per)
-        ]
-        head = torch.cat([h for h, _ in parts])
-        outside = None if parts[0][1] is None else torch.cat([o for _, o in parts])
+            if head is None:
+                head = part_head.new_empty((n, *part_head.shape[1:]))
+                if part_outside is not None:
+                    outside = part_outside.new_empty((n, *part_outside.shape[1:]))
+            head[i : i + per] = part_head
+            if outside is not None:
+                outside[i : i + per] = part_outside
         chunk = max(1, rows // n)
         for start in range(0, steps, chunk):
             part = slice(start, min(start + chunk, steps))
