@@ -25,6 +25,7 @@ from imagetransformer.cli import main
 from imagetransformer.data import load_dataset
 from imagetransformer.evaluation import classify
 from imagetransformer.files import WriteError
+from imagetransformer.tools import integer_kernels
 from imagetransformer.tools.codec import (
     FINGERPRINT_BYTES,
     best_labels,
@@ -393,6 +394,29 @@ def test_compress_and_decompress_commands(run, digits, tmp_path, capsys):
     # images of the model's shape: nothing converted, nothing said about it
     assert main(["compress", str(run), str(folder), "-o", str(packed)]) == 0
     assert "converted" not in capsys.readouterr().out
+
+
+def test_without_numba_the_same_file_and_a_note(run, digits, tmp_path, capsys, monkeypatch):
+    """Without numba (the codec extra), the integer model runs its torch operations: the file
+    is byte for byte the same, decodes with the kernels, and each command says once how to get
+    the faster path."""
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(digits[:3].numpy()):
+        Image.fromarray(image[0]).save(folder / f"{i}.png")
+    fast, slow = tmp_path / "fast.itc", tmp_path / "slow.itc"
+    assert main(["compress", str(run), str(folder), "-o", str(fast)]) == 0
+    assert "numba" not in capsys.readouterr().err
+    monkeypatch.setattr(integer_kernels, "numba", None)
+    monkeypatch.setattr(integer_kernels, "ENABLED", False)
+    assert main(["compress", str(run), str(folder), "-o", str(slow)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "numba is not installed" in err[0] and "[codec]" in err[0]
+    assert slow.read_bytes() == fast.read_bytes()
+    monkeypatch.undo()
+    assert main(["decompress", str(run), str(slow), "-o", str(tmp_path / "out")]) == 0
+    decoded = [np.asarray(Image.open(tmp_path / "out" / f"image_{i:05d}.png")) for i in range(3)]
+    assert all(np.array_equal(d, x[0]) for d, x in zip(decoded, digits[:3].numpy(), strict=True))
 
 
 def test_the_integer_model_is_made_once_and_found_by_the_file(run, digits, tmp_path, capsys):
