@@ -21,6 +21,11 @@ For each run, on its test split (or its first `--images`):
   the integer model's compiled kernels load from numba's disk cache, or compile once per
   machine), which the last table shows.
 Add `--json PATH` for the figures. Name the CPU and thread count beside them (printed first).
+
+`--paths ROUNDS` measures instead how the integer model's ways of computing the same integers
+compare: one group of `--batch-size` test images decoded with the compiled kernels and with
+torch operations, over int16 and over float64 caches, and sampled, in turn, ROUNDS times in one
+process (the best of each), as seconds and as ratios to sampling.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import platform
 import sys
 import time
@@ -43,6 +49,7 @@ from imagetransformer import ImageTransformer  # noqa: E402
 from imagetransformer.evaluation import evaluate  # noqa: E402
 from imagetransformer.run import Run  # noqa: E402
 from imagetransformer.sampling import sample  # noqa: E402
+from imagetransformer.tools import integer_kernels  # noqa: E402
 from imagetransformer.tools.codec import (  # noqa: E402
     best_labels,
     compress,
@@ -158,6 +165,53 @@ def measure(run_dir: str, max_images: int, batch_size: int) -> dict:
     return row
 
 
+# the integer model's ways of decoding the same file: (compiled kernels, cache dtype)
+PATHS = {
+    "kernels, int16 caches": (True, torch.int16),
+    "kernels, float64 caches": (True, torch.float64),
+    "torch operations, float64 caches": (False, torch.float64),
+    "torch operations, int16 caches": (False, torch.int16),
+}
+
+
+@torch.no_grad()
+def compare_paths(run_dir: str, batch_size: int, rounds: int) -> dict:
+    """One group of test images decoded with each path in turn and sampled, `rounds` times in
+    one process (the best of each): seconds, and each over sampling. Every path must give the
+    images back (they compute the same integers)."""
+    model = ImageTransformer.from_pretrained(run_dir).eval()
+    test = Run.open(run_dir).load_split("test")
+    images, labels = test.batch(torch.arange(min(batch_size, len(test))))
+    labels = labels if model.config.num_classes else None
+    integer = quantized(run_dir, torch.device("cpu"), note=lambda _: None)
+    data = compress(integer, images, labels=labels).data
+    best = {}
+    try:
+        for _ in range(rounds):
+            for name, (kernels, dtype) in PATHS.items():
+                integer_kernels.ENABLED, integer.cache_dtype = kernels, dtype
+                start = time.perf_counter()
+                if not torch.equal(decompress(integer, data), images):
+                    raise SystemExit(f"{run_dir}: {name} did not give the images back")
+                best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+            start = time.perf_counter()
+            sample(model, len(images), labels=labels, generator=torch.Generator().manual_seed(0))
+            best["sample"] = min(best.get("sample", math.inf), time.perf_counter() - start)
+    finally:
+        integer_kernels.ENABLED, integer.cache_dtype = True, None
+    return {"run": run_dir, "images": len(images), "seconds": best}
+
+
+def print_paths(rows: list[dict]) -> None:
+    print("| run | images | " + " | ".join(PATHS) + " |")
+    print("|---|---|" + "---|" * len(PATHS))
+    for r in rows:
+        s = r["seconds"]
+        cells = [f"{s[name]:.2f} s ({s[name] / s['sample']:.2f}x)" for name in PATHS]
+        print(f"| {r['run']} | {r['images']} | " + " | ".join(cells) + " |")
+    print("(each: the best of the rounds, and over sampling as many images in the same rounds)")
+
+
 def print_table(rows: list[dict]) -> None:
     print("| data (test images) | format | bits/dim | compress images/s | decompress images/s |")
     print("|---|---|---|---|---|")
@@ -198,13 +252,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=0, help="the first N test images (0: all)")
     p.add_argument("--batch-size", type=int, default=64, help="images coded side by side")
     p.add_argument("--json", help="write the figures here too")
+    p.add_argument(
+        "--paths",
+        type=int,
+        metavar="ROUNDS",
+        default=0,
+        help="instead: decode one group with the compiled kernels and with torch operations, "
+        "over int16 and float64 caches, and sample it, ROUNDS times in turn",
+    )
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     print(f"{cpu_name()}, {threads} threads, torch {torch.__version__}")
     if not jxl_available():
         print("(JPEG XL left out: pip install pillow-jxl-plugin)")
-    rows = [measure(run, args.images, args.batch_size) for run in args.runs]
-    print_table(rows)
+    if args.paths:
+        if not integer_kernels.ENABLED:
+            raise SystemExit("--paths compares the compiled kernels: pip install numba")
+        rows = [compare_paths(run, args.batch_size, args.paths) for run in args.runs]
+        print_paths(rows)
+    else:
+        rows = [measure(run, args.images, args.batch_size) for run in args.runs]
+        print_table(rows)
     if args.json:
         meta = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({"machine": meta, "runs": rows}, indent=1))

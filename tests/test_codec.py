@@ -550,3 +550,9 @@ def test_the_codec_benchmark_compares_formats_and_speeds(run, tmp_path, capsys):
     assert 0 < row["bytes_over_model"] < HEADER_BYTES + 3 * STREAM_BYTES + 8  # 3 streams
     assert row["PNG"]["bits_per_dim"] > 0 and row["WebP lossless"]["bits_per_dim"] > 0
     assert row["decompress_over_sample"] > 0 and row["compress_over_decompress"] > 0
+    if integer_kernels.ENABLED:  # the integer model's ways of decoding, side by side
+        bench.main([str(run), "--paths", "1", "--batch-size", "3", "--json", str(out)])
+        assert "torch operations, float64 caches" in capsys.readouterr().out
+        (row,) = json.loads(out.read_text())["runs"]
+        assert row["images"] == 3 and set(row["seconds"]) == {*bench.PATHS, "sample"}
+        assert integer_kernels.ENABLED  # left as it was

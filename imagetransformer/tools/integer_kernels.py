@@ -13,10 +13,8 @@ The linear layers' products (`mm`: exact) stay with torch. What is here replaces
 small operations between them (a linear layer's rescaling, the LayerNorm, the attention's table
 softmax, and the output distributions' integer frequencies), whose cost at decoding's small
 batches was dispatch, not arithmetic, and the decoding step's attention products over int16
-caches, read in place where torch's `bmm` needed them widened to float64 first. Those two
-kernels compute only products and sums of integers whose every partial sum stays below 2^53,
-exact in any order, so they alone may reorder their additions (`reassoc`, which vectorises
-them) and run their rows on several threads.
+caches, read in place where torch's `bmm` needed them widened to float64 first (their rows on
+torch's threads: `in_parallel`).
 
 Compiled on first use (a few seconds, once per machine) and cached on disk (numba's
 `cache=True`). Where numba is not installed, on other devices, and with
@@ -246,13 +244,11 @@ def mixture_update(masses, high, low, weights, x, channel, unit_values, mix_bits
 
 
 # Attention over int16 caches ----------------------------------------------------------------------
-def _jit_exact_sums(function):
-    """Compiled for products and sums of integers only, whose every partial sum is an integer
-    below 2^53: exact in any order, so the additions may be reordered (`reassoc`: vectorised)
-    and the rows run on several threads; still no fused multiply-add (no `contract`)."""
+def _jit_rows(function):
+    """As `_jit`, with the rows of a `prange` loop run on several threads (`in_parallel`)."""
     if numba is None:  # pragma: no cover
         return function
-    return numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc"})(function)
+    return numba.njit(cache=True, nogil=True, parallel=True)(function)
 
 
 def in_parallel(kernel, *args) -> None:
@@ -267,24 +263,26 @@ def in_parallel(kernel, *args) -> None:
         torch.set_num_threads(threads)
 
 
-@_jit_exact_sums
+@_jit_rows
 def cached_scores(q, cache, start, length, z):
-    """z [b h, length] = q [b h, dh] . keys of the ring buffer `cache` [slots, 2, b, h, dh]
-    (int16) at slots start..start + length: `bmm` of the widened window, without widening."""
+    """z [b h, length] = q [b h, dh] (int32) . the keys of the ring buffer `cache` [slots, 2,
+    b, h, dh] (int16) at slots start..start + length: `bmm` of the widened window, in int64
+    (exact; the compiler vectorises integer sums as it may not float ones), without widening."""
     h, dh = cache.shape[3], cache.shape[4]
     for row in numba.prange(q.shape[0]):
         image, head = row // h, row % h
         for slot in range(length):
-            acc = 0.0
+            acc = 0
             for j in range(dh):
-                acc += q[row, j] * cache[start + slot, 0, image, head, j]
+                acc += np.int64(q[row, j]) * np.int64(cache[start + slot, 0, image, head, j])
             z[row, slot] = acc
 
 
-@_jit_exact_sums
+@_jit_rows
 def cached_values(e, cache, start, num):
     """num [b h, dh] = e [b h, length] . the values of `cache` at slots start..start + length:
-    the weighted values' `bmm` of `Attention.attend` (its division: `divide_round`)."""
+    the weighted values' `bmm` of `Attention.attend` (its division: `divide_round`), each
+    output its own float64 sum of exact integer products in slot order."""
     length = e.shape[1]
     h, dh = cache.shape[3], cache.shape[4]
     for row in numba.prange(e.shape[0]):

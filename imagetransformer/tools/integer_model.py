@@ -489,8 +489,9 @@ class Attention:
         if kernels.on(cache) and cache.dtype == torch.int16:  # read in place by the kernels
             q = qkv[:, 0].reshape(-1, qkv.shape[-1])
             z = q.new_empty(q.shape[0], window.length)
+            whole = host(q.to(torch.int32))  # 16-bit integers
             kernels.in_parallel(
-                kernels.cached_scores, host(q), host(cache), window.start, window.length, host(z)
+                kernels.cached_scores, whole, host(cache), window.start, window.length, host(z)
             )
             masks = self.no_mask if mask is None else mask.view(1, -1)
             e, totals = torch.empty_like(z), z.new_empty(z.shape[0])
