@@ -71,7 +71,7 @@ def _note_without_kernels(device: torch.device) -> None:
     if device.type == "cpu" and integer_kernels.numba is None:
         print(
             "note: numba is not installed, so the integer model runs torch operations: the same "
-            "files in about 1.5x the time (pip install 'imagetransformer[codec]')",
+            "files in 1.4-2x the time (pip install 'imagetransformer[codec]')",
             file=sys.stderr,
         )
 
