@@ -254,7 +254,7 @@ def _jit_rows(function):
 def in_parallel(kernel, *args) -> None:
     """Run a parallel kernel on as many threads as torch uses, and leave torch's count as it
     was. numba's `omp` threading layer shares OpenMP's threads with torch (awake after torch's
-    operations, so fast: numba's own `workqueue` pool took 1.5x as long to decode the digits),
+    operations, so fast: numba's own `workqueue` pool took 1.7x as long to decode the digits),
     and starting it sets OpenMP's thread count to the number of cores."""
     threads = torch.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
