@@ -185,7 +185,7 @@ def compare_paths(run_dir: str, batch_size: int, rounds: int) -> dict:
     labels = labels if model.config.num_classes else None
     integer = quantized(run_dir, torch.device("cpu"), note=lambda _: None)
     data = compress(integer, images, labels=labels).data
-    best = {}
+    best, enabled = {}, integer_kernels.ENABLED
     try:
         for _ in range(rounds):
             for name, (kernels, dtype) in PATHS.items():
@@ -198,7 +198,7 @@ def compare_paths(run_dir: str, batch_size: int, rounds: int) -> dict:
             sample(model, len(images), labels=labels, generator=torch.Generator().manual_seed(0))
             best["sample"] = min(best.get("sample", math.inf), time.perf_counter() - start)
     finally:
-        integer_kernels.ENABLED, integer.cache_dtype = True, None
+        integer_kernels.ENABLED, integer.cache_dtype = enabled, None
     return {"run": run_dir, "images": len(images), "seconds": best}
 
 

@@ -446,6 +446,18 @@ class Attention:
         k, v = self.kv(source).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
+    def weights(self, z: torch.Tensor, mask: torch.Tensor | None):
+        """The compiled table softmax of scores z [..., m] (`mask`: [m] or [n, m] as in
+        `attend`): the keys' integer weights like z, and their exact sums [...]."""
+        m = z.shape[-1]
+        masks = self.no_mask if mask is None else mask.view(-1, m)
+        e, totals = torch.empty_like(z), z.new_empty(z.shape[:-1])
+        kernels.table_softmax(
+            host(z.view(-1, m)), host(masks), self.scores, self.cap, host(self.table),
+            host(e.view(-1, m)), host(totals.view(-1)),
+        )  # fmt: skip
+        return e, totals
+
     def attend(self, q, keys, values, mask: torch.Tensor | None) -> torch.Tensor:
         """Queries [b, h, n, dh] over keys and values [b, h, m, dh]; `mask` [n or 1, m] 0 or
         -inf (None: all keys) -> [b, h, n, dh]. Or each [b h, ...]: `bmm` without `matmul`'s
@@ -453,13 +465,7 @@ class Attention:
         product = torch.bmm if q.dim() == 3 else torch.matmul
         z = product(q, keys.transpose(-1, -2))  # [b, h, n, m]: exact, < 2^53
         if kernels.on(z):  # the operations below in two passes
-            m = z.shape[-1]
-            masks = self.no_mask if mask is None else mask.view(-1, m)
-            e, totals = torch.empty_like(z), z.new_empty(z.shape[:-1])
-            kernels.table_softmax(
-                host(z.view(-1, m)), host(masks), self.scores, self.cap, host(self.table),
-                host(e.view(-1, m)), host(totals.view(-1)),
-            )  # fmt: skip
+            e, totals = self.weights(z, mask)
             num = product(e, values)
             kernels.divide_round(host(num.view(-1, num.shape[-1])), host(totals.view(-1)))
             return num
@@ -493,12 +499,7 @@ class Attention:
             kernels.in_parallel(
                 kernels.cached_scores, whole, host(cache), window.start, window.length, host(z)
             )
-            masks = self.no_mask if mask is None else mask.view(1, -1)
-            e, totals = torch.empty_like(z), z.new_empty(z.shape[0])
-            kernels.table_softmax(
-                host(z), host(masks), self.scores, self.cap, host(self.table), host(e),
-                host(totals),
-            )  # fmt: skip
+            e, totals = self.weights(z, mask)
             o = torch.empty_like(q)
             kernels.in_parallel(kernels.cached_values, host(e), host(cache), window.start, host(o))
             kernels.divide_round(host(o), host(totals))
@@ -1036,8 +1037,9 @@ class IntegerModel:
         names this one, by its name or its older one; if by the older, the model takes it."""
         if self.fingerprint.startswith(prefix):
             return True
-        if self.older_fingerprint.startswith(prefix):
-            self._fingerprint = self.older_fingerprint
+        older = self.older_fingerprint
+        if older.startswith(prefix):
+            self._fingerprint = older
             return True
         return False
 
